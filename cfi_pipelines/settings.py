@@ -89,3 +89,13 @@ def get_settings() -> Settings:
 def env_or_default(name: str, default: str) -> str | dg.EnvVar:
     """``EnvVar(name)`` when the variable is set (kept out of the UI), else ``default``."""
     return dg.EnvVar(name) if _env(name) else default
+
+
+def default_schedule_status() -> dg.DefaultScheduleStatus:
+    """RUNNING unless ``CFI_AUTOMATION=off``."""
+    return dg.DefaultScheduleStatus.RUNNING if get_settings().automation else dg.DefaultScheduleStatus.STOPPED
+
+
+def default_sensor_status() -> dg.DefaultSensorStatus:
+    """RUNNING unless ``CFI_AUTOMATION=off``."""
+    return dg.DefaultSensorStatus.RUNNING if get_settings().automation else dg.DefaultSensorStatus.STOPPED

@@ -1,0 +1,1 @@
+"""Software-defined assets: the cache views, the campaign exports, the API fallback."""

@@ -1,0 +1,244 @@
+"""The four views of the common DB as Dagster assets, built by one factory from
+:data:`cfi_pipelines.views.VIEWS`, with their checks and schedules beside them."""
+
+
+from datetime import timedelta
+from typing import Literal
+
+import dagster as dg
+import sqlalchemy as sa
+
+from cfi_pipelines.refresh import (
+    DEFAULT_MAX_DROP_SHARE,
+    RefreshRefused,
+    read_status,
+    refresh_view,
+    utcnow,
+    view_age,
+)
+from cfi_pipelines.resources.databases import DatabaseResource
+from cfi_pipelines.settings import FRESH_WINDOW, INCIDENT_WINDOW, default_schedule_status
+from cfi_pipelines.views import VIEWS, ViewSpec
+
+GROUP = "cfi_common"
+
+
+class RefreshConfig(dg.Config):
+    """How to refresh a view (Launchpad, schedules, `cfi-pipelines refresh`)."""
+
+    mode: Literal["auto", "full", "incremental"] = "auto"
+    force: bool = False
+    max_drop_share: float = DEFAULT_MAX_DROP_SHARE
+    overlap_seconds: int = 120
+
+
+def view_key(view: str) -> dg.AssetKey:
+    return dg.AssetKey(["cfi_common", view])
+
+
+def view_pool(view: str) -> str:
+    """The concurrency pool shared by everything that swaps this view in."""
+    return f"cfi_view_{view}"
+
+
+def view_op_name(view: str) -> str:
+    return f"cfi_common__{view}"
+
+
+def _column_schema(spec: ViewSpec) -> dg.TableSchema:
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(c.name, str(c.type), constraints=dg.TableColumnConstraints(nullable=c.nullable))
+            for c in spec.table.columns
+        ]
+    )
+
+
+def build_view_asset(spec: ViewSpec) -> dg.AssetsDefinition:
+    """The asset that refreshes ``spec`` in the common DB."""
+
+    @dg.asset(
+        key=view_key(spec.name),
+        group_name=GROUP,
+        description=f"{spec.description} Table `{spec.table_name}` in the common DB.",
+        kinds={"sql"},
+        pool=view_pool(spec.name),
+        freshness_policy=dg.FreshnessPolicy.time_window(
+            fail_window=INCIDENT_WINDOW, warn_window=FRESH_WINDOW
+        ),
+        metadata={
+            "dagster/table_name": spec.table_name,
+            "dagster/column_schema": _column_schema(spec),
+            "natural_key": ", ".join(spec.key),
+        },
+        tags={"view": spec.name},
+    )
+    def _refresh(
+        context: dg.AssetExecutionContext,
+        config: RefreshConfig,
+        cfi_source: DatabaseResource,
+        cfi_common: DatabaseResource,
+    ) -> dg.MaterializeResult:
+        try:
+            r = refresh_view(
+                spec,
+                cfi_source.engine(),
+                cfi_common.engine(),
+                mode=config.mode,
+                force=config.force,
+                max_drop_share=config.max_drop_share,
+                overlap=timedelta(seconds=config.overlap_seconds),
+            )
+        except RefreshRefused as exc:
+            raise dg.Failure(
+                description=str(exc),
+                metadata={"view": spec.name, "staging_rows": exc.staging_rows, "live_rows": exc.live_rows},
+                allow_retries=False,
+            ) from exc
+        except sa.exc.OperationalError as exc:
+            raise dg.Failure(
+                description=(
+                    f"view {spec.name}: a database is unreachable ({type(exc.orig).__name__}: "
+                    f"{exc.orig}). Source {cfi_source.display_url}, common {cfi_common.display_url}. "
+                    "The live view is untouched; the lag sensor falls back to the CFI API if this lasts."
+                ),
+                metadata={"view": spec.name},
+            ) from exc
+        context.log.info(
+            f"{spec.name}: {r.mode} refresh, {r.rows} rows ({r.inserted} inserted, {r.updated} "
+            f"updated, {r.deleted} deleted) in {r.duration_s:.2f}s"
+        )
+        watermark = r.watermark.isoformat() if r.watermark else None
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": r.rows,
+                "rows": r.rows,
+                "loaded": r.loaded,
+                "inserted": r.inserted,
+                "updated": r.updated,
+                "deleted": r.deleted,
+                "duration_s": dg.FloatMetadataValue(round(r.duration_s, 3)),
+                "lag_s": dg.FloatMetadataValue(round((utcnow() - r.source_snapshot_at).total_seconds(), 3)),
+                "watermark": watermark or "",
+                "watermark_epoch": dg.FloatMetadataValue(r.watermark.timestamp() if r.watermark else 0.0),
+                "mode": r.mode,
+                "source_snapshot_at": r.source_snapshot_at.isoformat(),
+            }
+        )
+
+    return _refresh
+
+
+def freshness_severity(age: timedelta | None) -> tuple[bool, dg.AssetCheckSeverity]:
+    """(passed, severity): pass ≤ 5 min, WARN above, ERROR above 15 min or never refreshed."""
+    if age is not None and age <= FRESH_WINDOW:
+        return True, dg.AssetCheckSeverity.WARN
+    if age is not None and age <= INCIDENT_WINDOW:
+        return False, dg.AssetCheckSeverity.WARN
+    return False, dg.AssetCheckSeverity.ERROR
+
+
+def build_view_checks(spec: ViewSpec) -> list[dg.AssetChecksDefinition]:
+    """Freshness (from ``cfi_view_status``: the DB is the truth) and not-empty."""
+
+    @dg.asset_check(
+        asset=view_key(spec.name),
+        name="freshness",
+        description="Age of the data (now − source_snapshot_at): pass ≤ 5 min, WARN > 5 min, ERROR > 15 min.",
+    )
+    def freshness(cfi_common: DatabaseResource) -> dg.AssetCheckResult:
+        row = read_status(cfi_common.engine()).get(spec.name)
+        age = view_age(row)
+        passed, severity = freshness_severity(age)
+        return dg.AssetCheckResult(
+            passed=passed,
+            severity=severity,
+            description=(
+                "never refreshed" if age is None else f"updated {age.total_seconds() / 60:.1f} min ago"
+            ),
+            metadata={
+                "age_s": dg.FloatMetadataValue(age.total_seconds() if age is not None else None),
+                "warn_after_s": FRESH_WINDOW.total_seconds(),
+                "error_after_s": INCIDENT_WINDOW.total_seconds(),
+                "source": (row or {}).get("source") or "",
+                "source_snapshot_at": str((row or {}).get("source_snapshot_at") or ""),
+            },
+        )
+
+    @dg.asset_check(
+        asset=view_key(spec.name),
+        name="not_empty",
+        description=f"`{spec.table_name}` has rows whenever `{spec.driving_table.name}` in the source has.",
+    )
+    def not_empty(cfi_source: DatabaseResource, cfi_common: DatabaseResource) -> dg.AssetCheckResult:
+        with cfi_common.engine().connect() as conn:
+            has_table = sa.inspect(conn).has_table(spec.table_name)
+            view_rows = conn.scalar(sa.select(sa.func.count()).select_from(spec.table)) if has_table else 0
+        try:
+            with cfi_source.engine().connect() as conn:
+                source_rows = conn.scalar(sa.select(sa.func.count()).select_from(spec.driving_table))
+        except sa.exc.OperationalError:
+            source_rows = None  # unreachable: judge the view alone
+        passed = bool(view_rows) or source_rows == 0
+        return dg.AssetCheckResult(
+            passed=passed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"view_rows": view_rows or 0, "source_rows": source_rows if source_rows is not None else -1},
+            description=None if passed else f"{spec.table_name} is empty but the source has {source_rows} rows",
+        )
+
+    return [freshness, not_empty]
+
+
+VIEW_KEYS = [view_key(v.name) for v in VIEWS]
+
+refresh_views_job = dg.define_asset_job(
+    "refresh_views",
+    selection=dg.AssetSelection.assets(*VIEW_KEYS),
+    description="Refresh the four views of the common DB (then run their checks).",
+)
+check_views_job = dg.define_asset_job(
+    "check_views",
+    selection=dg.AssetSelection.checks_for_assets(*VIEW_KEYS),
+    description="Run the freshness and not-empty checks of the four views.",
+)
+
+
+def _run_config(mode: str) -> dg.RunConfig:
+    return dg.RunConfig(ops={view_op_name(v.name): RefreshConfig(mode=mode) for v in VIEWS})
+
+
+def build_view_defs() -> dg.Definitions:
+    """Assets, checks, jobs and schedules of the four views."""
+    status = default_schedule_status()
+    schedules = [
+        dg.ScheduleDefinition(
+            name="refresh_views_every_5_minutes",
+            cron_schedule="*/5 * * * *",
+            job=refresh_views_job,
+            run_config=_run_config("auto"),
+            default_status=status,
+            description="Incremental refresh of the four views (full when a view has no watermark yet).",
+        ),
+        dg.ScheduleDefinition(
+            name="refresh_views_full_nightly",
+            cron_schedule="0 2 * * *",
+            job=refresh_views_job,
+            run_config=_run_config("full"),
+            default_status=status,
+            description="Full refresh of the four views: reconciles deletions.",
+        ),
+        dg.ScheduleDefinition(
+            name="check_views_every_minute",
+            cron_schedule="* * * * *",
+            job=check_views_job,
+            default_status=status,
+            description="Freshness and not-empty checks of the four views.",
+        ),
+    ]
+    return dg.Definitions(
+        assets=[build_view_asset(v) for v in VIEWS],
+        asset_checks=[c for v in VIEWS for c in build_view_checks(v)],
+        jobs=[refresh_views_job, check_views_job],
+        schedules=schedules,
+    )

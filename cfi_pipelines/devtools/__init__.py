@@ -1,0 +1,1 @@
+"""Development tools: demo data, the embedded SFTP server, the fake CFI API."""

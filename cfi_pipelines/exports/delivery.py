@@ -1,0 +1,109 @@
+"""Deliver an export bundle over SFTP: atomic, idempotent, manifest last.
+
+Each file is written as ``<final name>.part`` (truncating what a killed upload
+left), its size is checked, then it is renamed onto the final name with the
+``posix-rename@openssh.com`` extension (plain SFTP rename fails when the target
+exists). The manifest, CFI's "ready" marker, goes last. So a dropped connection
+never leaves a partial file under a final name, and re-delivering the same
+revision atomically replaces identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from cfi_pipelines.exports.document import ExportBundle
+from cfi_pipelines.exports.errors import DeliveryError
+
+WRITE_CHUNK = 32_675
+"""Default bytes per SFTP write: request header included, one write fills one 32 KiB SSH
+packet, which every SFTP server accepts. OpenSSH's sftp-server takes up to 256 KiB per
+request: 255,000 there nearly doubles paramiko's throughput (fewer Python round trips)."""
+ORDER = ("json", "csv", "manifest")  # the manifest last: it says "complete"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What was delivered where."""
+
+    remote_paths: dict[str, str]
+    bytes: int
+    seconds: float
+
+
+def remote_paths(bundle: ExportBundle, remote_dir: str) -> dict[str, str]:
+    """Final remote path of each file: ``<remote_dir>/<tenant code>/<name>``."""
+    folder = posixpath.join(remote_dir or "/", bundle.tenant_code)
+    return {kind: posixpath.join(folder, bundle.files[kind]["name"]) for kind in ORDER}
+
+
+def makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
+    """``mkdir -p`` on the server (tolerates a concurrent creator)."""
+    current = "/" if path.startswith("/") else ""
+    for part in [p for p in path.split("/") if p]:
+        current = posixpath.join(current, part) if current else part
+        try:
+            sftp.stat(current)
+            continue
+        except FileNotFoundError:
+            pass
+        try:
+            sftp.mkdir(current)
+        except OSError:
+            sftp.stat(current)  # someone else created it meanwhile; else this raises
+
+
+def _rename_over(sftp: paramiko.SFTPClient, src: str, dst: str) -> None:
+    try:
+        sftp.posix_rename(src, dst)
+    except OSError as exc:
+        # Servers without the extension answer "unsupported": fall back to
+        # remove + rename (a short window without the file, never a partial one).
+        if "unsupported" not in str(exc).lower():
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            sftp.remove(dst)
+        sftp.rename(src, dst)
+
+
+def upload_atomic(
+    sftp: paramiko.SFTPClient, local: Path, remote: str, size: int, write_size: int = WRITE_CHUNK
+) -> None:
+    """Upload ``local`` to ``remote`` through ``remote.part``, size-checked, then renamed."""
+    tmp = remote + ".part"
+    with open(local, "rb") as src, sftp.open(tmp, "wb", bufsize=0) as dst:
+        # Pipelined writes: don't wait for each acknowledgement (checked at close).
+        dst.set_pipelined(True)
+        dst.MAX_REQUEST_SIZE = max(write_size, dst.MAX_REQUEST_SIZE)  # paramiko splits above it
+        while chunk := src.read(write_size):
+            dst.write(chunk)
+    remote_size = sftp.stat(tmp).st_size
+    if remote_size != size:
+        sftp.remove(tmp)
+        raise DeliveryError(f"{remote}: uploaded {remote_size} bytes, expected {size}")
+    _rename_over(sftp, tmp, remote)
+
+
+def deliver(
+    sftp: paramiko.SFTPClient, bundle: ExportBundle, remote_dir: str, write_size: int = WRITE_CHUNK
+) -> Delivery:
+    """Upload the bundle's JSON, CSV, then manifest under ``remote_dir/<tenant code>/``."""
+    if not bundle.valid or bundle.directory is None:
+        raise ValueError(
+            f"campaign {bundle.campaign_id} r{bundle.revision} has no valid export to deliver"
+        )
+    started = time.perf_counter()
+    paths = remote_paths(bundle, remote_dir)
+    makedirs(sftp, posixpath.dirname(paths["json"]))
+    total = 0
+    for kind in ORDER:
+        size = bundle.files[kind]["bytes"]
+        upload_atomic(sftp, bundle.local_path(kind), paths[kind], size, write_size)
+        total += size
+    return Delivery(remote_paths=paths, bytes=total, seconds=time.perf_counter() - started)

@@ -1,0 +1,1 @@
+"""Thin Dagster resources: configuration in, a client or connection out."""

@@ -1,0 +1,280 @@
+"""SFTP client resource (paramiko) for CFI's drop: strict host keys, timeouts, fast.
+
+The resource only holds configuration and opens one connection per run
+(:meth:`SFTPResource.connect`); the uploading itself is
+:func:`cfi_pipelines.exports.deliver`.
+
+- The host key is always verified against ``known_hosts`` (never auto-added):
+  an unknown, changed or revoked key is refused with the host, key type and
+  SHA256 fingerprint that the server offered.
+- ``known_hosts`` is parsed line by line: markers (``@revoked``,
+  ``@cert-authority``) and malformed lines make paramiko's own loader crash.
+- Connect, banner, authentication and channel I/O all have timeouts.
+- AES-GCM first and a large window: about twice paramiko's default throughput.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+import paramiko
+from pydantic import Field
+
+log = logging.getLogger(__name__)
+
+PREFERRED_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+)
+WINDOW_SIZE = 64 * 1024 * 1024
+_RSA_ALGOS = ("rsa-sha2-512", "rsa-sha2-256")
+
+
+class SFTPPermanentError(Exception):
+    """A failure that retrying cannot fix (host key, authentication, bad key)."""
+
+
+class HostKeyError(SFTPPermanentError):
+    """The server's host key is unknown, changed or revoked."""
+
+
+class AuthError(SFTPPermanentError):
+    """The server refused our key, or the key cannot be read."""
+
+
+@dataclass
+class KnownHosts:
+    """Host keys from an OpenSSH known_hosts file, plus its ``@revoked`` keys."""
+
+    keys: paramiko.HostKeys = field(default_factory=paramiko.HostKeys)
+    revoked: list[tuple[list[str], paramiko.PKey]] = field(default_factory=list)
+    skipped: int = 0
+
+
+def load_known_hosts(path: str | Path) -> KnownHosts:
+    """Parse ``path`` tolerantly: unreadable lines and ``@cert-authority`` are skipped."""
+    known = KnownHosts()
+    text = Path(path).expanduser().read_text(encoding="utf-8", errors="replace")
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        marker = None
+        if line.startswith("@"):
+            marker, _, line = line.partition(" ")
+            line = line.strip()
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line, lineno)
+        except Exception:  # InvalidHostKey is not an SSHException: paramiko would crash
+            entry = None
+        if entry is None or entry.key is None:
+            known.skipped += 1
+            continue
+        if marker == "@revoked":
+            known.revoked.append((entry.hostnames, entry.key))
+        elif marker is None:
+            for host in entry.hostnames:
+                known.keys.add(host, entry.key.get_name(), entry.key)
+        else:  # @cert-authority: host certificates are not supported by paramiko
+            known.skipped += 1
+    return known
+
+
+def host_id(host: str, port: int) -> str:
+    """The name OpenSSH files a host under: ``host`` on port 22, else ``[host]:port``."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def _matches(patterns: list[str], name: str) -> bool:
+    probe = paramiko.HostKeys()
+    for p in patterns:
+        if p == "*" or p == name:
+            return True
+        if p.startswith("|1|") and probe.hash_host(name, p) == p:
+            return True
+    return False
+
+
+def verify_host_key(
+    known: KnownHosts, host: str, port: int, key: paramiko.PKey, source: str
+) -> None:
+    """Raise :class:`HostKeyError` unless ``key`` is ``host``'s known, unrevoked key."""
+    name = host_id(host, port)
+    offered = f"{key.get_name()} key {key.fingerprint}"
+    for patterns, bad in known.revoked:
+        if bad == key and _matches(patterns, name):
+            raise HostKeyError(
+                f"SFTP host {name} offered a REVOKED host key ({offered}) listed in {source}: refused"
+            )
+    entries = known.keys.lookup(name)
+    if not entries:
+        raise HostKeyError(
+            f"SFTP host {name} is not in {source}: it offered {offered}. Check this fingerprint with "
+            f"the server's owner, then add the key (ssh-keyscan -p {port} {host} >> {source})."
+        )
+    expected = entries.get(key.get_name())
+    if expected is None or expected != key:
+        known_desc = ", ".join(f"{k.get_name()} {k.fingerprint}" for k in entries.values())
+        raise HostKeyError(
+            f"SFTP host key of {name} has CHANGED: it offered {offered}, {source} has {known_desc}. "
+            "Possible man-in-the-middle: refused. If the server's key was really replaced, "
+            "update known_hosts after checking the new fingerprint."
+        )
+
+
+def load_private_key(value: str, passphrase: str | None = None) -> paramiko.PKey:
+    """A private key (ed25519, ECDSA or RSA) from a path or from the key text itself."""
+    text = value.strip()
+    try:
+        if text.startswith("-----BEGIN"):
+            for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+                try:
+                    return cls.from_private_key(io.StringIO(text + "\n"), password=passphrase)
+                except paramiko.SSHException:
+                    continue
+            raise paramiko.SSHException("not an ed25519, ECDSA or RSA private key")
+        return paramiko.PKey.from_path(Path(text).expanduser(), passphrase)
+    except (OSError, ValueError, paramiko.SSHException) as exc:
+        # Never echo the value: it may be the key itself.
+        raise AuthError(
+            f"the SFTP client key (CFI_SFTP_KEY) cannot be loaded: {type(exc).__name__}"
+        ) from None
+
+
+def _host_key_order(known: KnownHosts, host: str, port: int) -> list[str]:
+    # Ask for a key type we already know for this host (as OpenSSH does), so a
+    # server with several host keys is not taken for a changed one.
+    preferred: list[str] = []
+    entries = known.keys.lookup(host_id(host, port)) or {}
+    for key_type in entries:
+        preferred.extend(_RSA_ALGOS if key_type == "ssh-rsa" else (key_type,))
+    return preferred
+
+
+@dataclass
+class SFTPConnection:
+    """An open SFTP session and its transport; close it with :meth:`close`."""
+
+    transport: paramiko.Transport
+    sftp: paramiko.SFTPClient
+
+    def close(self) -> None:
+        try:
+            self.sftp.close()
+        finally:
+            self.transport.close()
+
+
+def open_sftp(
+    host: str,
+    port: int,
+    username: str,
+    pkey: paramiko.PKey,
+    known_hosts: str | Path,
+    *,
+    connect_timeout: float = 10.0,
+    io_timeout: float = 30.0,
+    window_size: int = WINDOW_SIZE,
+) -> SFTPConnection:
+    """Connect, verify the host key, authenticate with ``pkey``, open SFTP.
+
+    Raises :class:`HostKeyError` / :class:`AuthError` (permanent) or ``OSError`` /
+    ``paramiko.SSHException`` (transient: refused, dropped, timed out).
+    """
+    try:
+        known = load_known_hosts(known_hosts)
+    except OSError as exc:
+        raise HostKeyError(
+            f"known_hosts file {known_hosts} cannot be read ({exc.strerror}): host keys are always verified"
+        ) from None
+    sock = socket.create_connection((host, port), timeout=connect_timeout)
+    transport = paramiko.Transport(sock, default_window_size=window_size)
+    try:
+        opts = transport.get_security_options()
+        opts.ciphers = [c for c in PREFERRED_CIPHERS if c in opts.ciphers] + [
+            c for c in opts.ciphers if c not in PREFERRED_CIPHERS
+        ]
+        order = _host_key_order(known, host, port)
+        opts.key_types = [k for k in order if k in opts.key_types] + [
+            k for k in opts.key_types if k not in order
+        ]
+        transport.banner_timeout = connect_timeout
+        transport.auth_timeout = connect_timeout
+        transport.start_client(timeout=connect_timeout)
+        verify_host_key(known, host, port, transport.get_remote_server_key(), str(known_hosts))
+        try:
+            transport.auth_publickey(username, pkey)
+        except paramiko.AuthenticationException as exc:
+            raise AuthError(
+                f"SFTP server {host_id(host, port)} refused the key {pkey.get_name()} {pkey.fingerprint} "
+                f"for user {username!r}: {exc}"
+            ) from None
+        channel = transport.open_session(window_size=window_size, timeout=connect_timeout)
+        channel.settimeout(io_timeout)  # every later read/write on the session times out
+        channel.invoke_subsystem("sftp")
+        sftp = paramiko.SFTPClient(channel)
+        transport.set_keepalive(15)
+        return SFTPConnection(transport, sftp)
+    except BaseException:
+        transport.close()
+        raise
+
+
+class SFTPResource(dg.ConfigurableResource):
+    """CFI's SFTP drop. ``private_key`` comes from ``EnvVar("CFI_SFTP_KEY")`` in production."""
+
+    host: str = Field(description="SFTP server (CFI_SFTP_HOST)")
+    port: int = Field(default=22, description="CFI_SFTP_PORT")
+    username: str = Field(description="CFI_SFTP_USER")
+    private_key: str = Field(
+        description="Path to the client private key, or the key itself (CFI_SFTP_KEY)"
+    )
+    private_key_passphrase: str | None = Field(
+        default=None, description="Passphrase of the key, if any"
+    )
+    known_hosts: str = Field(
+        description="known_hosts file; the host key is always verified (CFI_SFTP_KNOWN_HOSTS)"
+    )
+    remote_dir: str = Field(default="/", description="Remote root of the drop (CFI_SFTP_DIR)")
+    connect_timeout: float = Field(
+        default=10.0, description="Seconds for TCP connect, banner, key exchange, auth"
+    )
+    io_timeout: float = Field(
+        default=30.0, description="Seconds without progress on the SFTP channel"
+    )
+
+    @property
+    def target(self) -> str:
+        """``user@host:port`` for messages (no secret in it)."""
+        return f"{self.username}@{self.host}:{self.port}"
+
+    def open(self) -> SFTPConnection:
+        """A new, verified and authenticated connection (caller closes it)."""
+        pkey = load_private_key(self.private_key, self.private_key_passphrase)
+        return open_sftp(
+            self.host,
+            self.port,
+            self.username,
+            pkey,
+            self.known_hosts,
+            connect_timeout=self.connect_timeout,
+            io_timeout=self.io_timeout,
+        )
+
+    @contextmanager
+    def connect(self) -> Iterator[paramiko.SFTPClient]:
+        """One SFTP session for a whole run: ``with sftp.connect() as client: ...``."""
+        conn = self.open()
+        try:
+            yield conn.sftp
+        finally:
+            conn.close()
