@@ -9,6 +9,7 @@ from __future__ import annotations
 import dagster as dg
 
 from cfi_pipelines.assets.views import build_view_defs
+from cfi_pipelines.exports_defs import build_export_defs
 from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.settings import env_or_default, get_settings
 
@@ -24,7 +25,7 @@ def build_resources() -> dict[str, object]:
 
 
 def build_defs() -> dg.Definitions:
-    parts = [build_view_defs()]
+    parts = [build_view_defs(), build_export_defs()]
     return dg.Definitions.merge(*parts, dg.Definitions(resources=build_resources()))
 
 

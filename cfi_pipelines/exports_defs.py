@@ -7,10 +7,9 @@ import os
 import dagster as dg
 
 from cfi_pipelines.assets.exports import build_export_assets, export_job
-from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.resources.sftp import SFTPResource
 from cfi_pipelines.sensors.campaigns import build_campaigns_sensor
-from cfi_pipelines.settings import env_or_default, get_settings
+from cfi_pipelines.settings import get_settings
 
 
 def sftp_resource() -> SFTPResource:
@@ -32,7 +31,8 @@ def sftp_resource() -> SFTPResource:
 
 
 def build_export_defs(retry_delay: float | None = None) -> dg.Definitions:
-    """Assets, check, job, sensor and resources ("mycfia", "sftp") of campaign exports."""
+    """Assets, check, job, sensor and the "sftp" resource of campaign exports
+    ("mycfia" comes from :func:`cfi_pipelines.definitions.build_resources`)."""
     assets = build_export_assets(retry_delay)
     job = export_job(assets)
     return dg.Definitions(
@@ -40,7 +40,6 @@ def build_export_defs(retry_delay: float | None = None) -> dg.Definitions:
         jobs=[job],
         sensors=[build_campaigns_sensor(job)],
         resources={
-            "mycfia": DatabaseResource(url=env_or_default("MYCFIA_URL", get_settings().mycfia_url)),
             "sftp": sftp_resource(),
         },
     )
@@ -58,12 +57,11 @@ def export_command(campaign_id: int, force: bool = False) -> int:
 
     from cfi_pipelines.assets.exports import campaigns_partitions
     from cfi_pipelines.db import engine_for
+    from cfi_pipelines.instance import ensure_dagster_home
     from cfi_pipelines.model import mycfia
 
     settings = get_settings()
-    if not os.environ.get("DAGSTER_HOME"):
-        settings.dagster_home.mkdir(parents=True, exist_ok=True)
-        os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
+    ensure_dagster_home()
     engine = engine_for(settings.mycfia_url)
     c, e = mycfia.campaigns.c, mycfia.campaign_exports.c
     with engine.connect() as conn:
@@ -81,11 +79,13 @@ def export_command(campaign_id: int, force: bool = False) -> int:
             f"campaign {campaign_id} r{revision} already delivered ({done}); use --force to send it again"
         )
         return 0
-    defs = build_export_defs()
+    from cfi_pipelines.definitions import build_defs
+
+    defs = build_defs()
     instance = dg.DagsterInstance.get()
     instance.add_dynamic_partitions(campaigns_partitions.name, [str(campaign_id)])
     result = dg.materialize(
-        list(defs.assets or []),
+        [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition) and a.partitions_def is not None],
         instance=instance,
         partition_key=str(campaign_id),
         resources=defs.resources,

@@ -251,6 +251,10 @@ class SFTPResource(dg.ConfigurableResource):
     io_timeout: float = Field(
         default=30.0, description="Seconds without progress on the SFTP channel"
     )
+    write_size: int = Field(
+        default=32_675,
+        description="Bytes per SFTP write request; 255000 suits OpenSSH servers (CFI_SFTP_WRITE_SIZE)",
+    )
 
     @property
     def target(self) -> str:
