@@ -26,13 +26,22 @@ def cmd_seed(args: argparse.Namespace) -> int:
     from cfi_pipelines.settings import get_settings
 
     s = get_settings()
-    source, common, mycfia = engine_for(s.source_url), engine_for(s.common_url), engine_for(s.mycfia_url)
+    source, common, mycfia = (
+        engine_for(s.source_url),
+        engine_for(s.common_url),
+        engine_for(s.mycfia_url),
+    )
     counts = seed_source(source, scale=args.scale, seed=args.seed)
-    print(f"CFI source DB ({redact(s.source_url)}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(
+        f"CFI source DB ({redact(s.source_url)}): "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+    )
     init_common(common)
     print(f"common DB ({redact(s.common_url)}): schema ready")
     mcounts = seed_mycfia(mycfia, source, scale=args.scale, seed=args.seed)
-    print(f"MyCfia DB ({redact(s.mycfia_url)}): " + ", ".join(f"{k} {v}" for k, v in mcounts.items()))
+    print(
+        f"MyCfia DB ({redact(s.mycfia_url)}): " + ", ".join(f"{k} {v}" for k, v in mcounts.items())
+    )
     return EXIT_OK
 
 
@@ -53,14 +62,21 @@ def source_is_seeded() -> bool:
 # --------------------------------------------------------------------------- refresh
 
 
-def run_refresh(views: Sequence[str], *, mode: str = "auto", force: bool = False, tags: dict | None = None):
+def run_refresh(
+    views: Sequence[str], *, mode: str = "auto", force: bool = False, tags: dict | None = None
+):
     """Refresh ``views`` through Dagster's ``refresh_views`` job on the local instance."""
     from cfi_pipelines.assets.views import RefreshConfig, view_key, view_op_name
     from cfi_pipelines.definitions import build_defs
     from cfi_pipelines.instance import local_instance
 
     job = build_defs().resolve_job_def("refresh_views")
-    run_config = {"ops": {view_op_name(v): {"config": RefreshConfig(mode=mode, force=force).model_dump()} for v in views}}
+    run_config = {
+        "ops": {
+            view_op_name(v): {"config": RefreshConfig(mode=mode, force=force).model_dump()}
+            for v in views
+        }
+    }
     return job.execute_in_process(
         instance=local_instance(),
         run_config=run_config,
@@ -73,7 +89,7 @@ def run_refresh(views: Sequence[str], *, mode: str = "auto", force: bool = False
 def _materializations(result) -> dict[str, dict[str, Any]]:
     out = {}
     for event in result.get_asset_materialization_events():
-        mat = event.asset_materialization
+        mat = event.materialization
         out[mat.asset_key.path[-1]] = {k: v.value for k, v in mat.metadata.items()}
     return out
 
@@ -123,7 +139,12 @@ def collect_status() -> dict[str, Any]:
 
     s = get_settings()
     now = utcnow()
-    out: dict[str, Any] = {"generated_at": now.isoformat() + "Z", "views": [], "exports": {}, "problems": []}
+    out: dict[str, Any] = {
+        "generated_at": now.isoformat() + "Z",
+        "views": [],
+        "exports": {},
+        "problems": [],
+    }
     try:
         status = read_status(engine_for(s.common_url))
     except sa.exc.SQLAlchemyError as exc:
@@ -140,7 +161,9 @@ def collect_status() -> dict[str, Any]:
                 "rows": row.get("rows"),
                 "source": row.get("source"),
                 "mode": row.get("mode"),
-                "last_success_at": row["last_success_at"].isoformat() if row.get("last_success_at") else None,
+                "last_success_at": row["last_success_at"].isoformat()
+                if row.get("last_success_at")
+                else None,
                 "age_s": round(age.total_seconds(), 1) if age is not None else None,
                 "freshness": check,
                 "consecutive_failures": row.get("consecutive_failures") or 0,
@@ -149,7 +172,8 @@ def collect_status() -> dict[str, Any]:
         )
         if check == "ERROR":
             out["problems"].append(
-                f"view {spec.name}: " + ("never refreshed" if age is None else f"{age.total_seconds() / 60:.0f} min old")
+                f"view {spec.name}: "
+                + ("never refreshed" if age is None else f"{age.total_seconds() / 60:.0f} min old")
             )
     try:
         e = mycfia.campaign_exports.c
@@ -163,7 +187,10 @@ def collect_status() -> dict[str, Any]:
                 sa.select(e.status, sa.func.count(), sa.func.min(e.requested_at))
                 .select_from(
                     mycfia.campaign_exports.join(
-                        latest, sa.and_(latest.c.campaign_id == e.campaign_id, latest.c.revision == e.revision)
+                        latest,
+                        sa.and_(
+                            latest.c.campaign_id == e.campaign_id, latest.c.revision == e.revision
+                        ),
                     )
                 )
                 .group_by(e.status)
@@ -172,7 +199,9 @@ def collect_status() -> dict[str, Any]:
         oldest = [t for st, _, t in rows if st == "pending" and t is not None]
         out["exports_oldest_pending"] = min(oldest).isoformat() if oldest else None
         if out["exports"].get("failed"):
-            out["problems"].append(f"{out['exports']['failed']} campaign export(s) failed after their retries")
+            out["problems"].append(
+                f"{out['exports']['failed']} campaign export(s) failed after their retries"
+            )
     except sa.exc.SQLAlchemyError:
         out["exports_error"] = "MyCfia DB unreachable or not seeded"
     return out
@@ -201,7 +230,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"exports: {st['exports_error']}")
     else:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(st["exports"].items())) or "none yet"
-        pending = f" (oldest pending since {st['exports_oldest_pending']})" if st.get("exports_oldest_pending") else ""
+        pending = (
+            f" (oldest pending since {st['exports_oldest_pending']})"
+            if st.get("exports_oldest_pending")
+            else ""
+        )
         print(f"exports: {counts}{pending}")
     for p in st["problems"]:
         print(f"PROBLEM: {p}")
@@ -241,6 +274,24 @@ def cmd_fake_api(args: argparse.Namespace) -> int:
     return api_main(args.rest)
 
 
+def cmd_dev(args: argparse.Namespace) -> int:
+    from cfi_pipelines.devtools.dev import main as dev_main
+
+    return dev_main(args.rest)
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from cfi_pipelines.metrics import main as metrics_main
+
+    return metrics_main(args.rest)
+
+
+def cmd_kpis(args: argparse.Namespace) -> int:
+    from cfi_pipelines.kpis import main as kpis_main
+
+    return kpis_main(args.rest)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -262,12 +313,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_status)
 
     sp = sub.add_parser("refresh", help="refresh views now, through Dagster")
-    sp.add_argument("views", nargs="*", metavar="VIEW", help="stocks operations invoices campaigns (default: all)")
+    sp.add_argument(
+        "views",
+        nargs="*",
+        metavar="VIEW",
+        help="stocks operations invoices campaigns (default: all)",
+    )
     sp.add_argument("--full", action="store_true", help="full rebuild instead of incremental")
-    sp.add_argument("--force", action="store_true", help="swap in even if the row count dropped a lot")
+    sp.add_argument(
+        "--force", action="store_true", help="swap in even if the row count dropped a lot"
+    )
     sp.set_defaults(func=cmd_refresh)
 
-    sp = sub.add_parser("export", help="export one campaign now (manual re-export), through Dagster")
+    sp = sub.add_parser(
+        "export", help="export one campaign now (manual re-export), through Dagster"
+    )
     sp.add_argument("campaign_id", type=int)
     sp.add_argument("--force", action="store_true", help="send again even if already delivered")
     sp.set_defaults(func=cmd_export)
@@ -275,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_ in (
         ("sftp-server", cmd_sftp_server, "run the embedded development SFTP server"),
         ("fake-cfi-api", cmd_fake_api, "serve the CFI API contract from the source DB"),
+        ("dev", cmd_dev, "embedded servers + dagster dev with schedules and sensors running"),
+        ("metrics", cmd_metrics, "serve Prometheus metrics on 127.0.0.1 at /metrics"),
+        ("kpis", cmd_kpis, "the mission's targets against what the logs show"),
     ):
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
@@ -289,4 +352,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

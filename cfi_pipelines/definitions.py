@@ -10,6 +10,7 @@ import dagster as dg
 
 from cfi_pipelines.assets.views import build_view_defs
 from cfi_pipelines.exports_defs import build_export_defs
+from cfi_pipelines.fallback_defs import build_fallback_defs
 from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.settings import env_or_default, get_settings
 
@@ -25,7 +26,7 @@ def build_resources() -> dict[str, object]:
 
 
 def build_defs() -> dg.Definitions:
-    parts = [build_view_defs(), build_export_defs()]
+    parts = [build_view_defs(), build_export_defs(), build_fallback_defs()]
     return dg.Definitions.merge(*parts, dg.Definitions(resources=build_resources()))
 
 

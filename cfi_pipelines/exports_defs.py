@@ -85,7 +85,11 @@ def export_command(campaign_id: int, force: bool = False) -> int:
     instance = dg.DagsterInstance.get()
     instance.add_dynamic_partitions(campaigns_partitions.name, [str(campaign_id)])
     result = dg.materialize(
-        [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition) and a.partitions_def is not None],
+        [
+            a
+            for a in defs.assets or []
+            if isinstance(a, dg.AssetsDefinition) and a.partitions_def is not None
+        ],
         instance=instance,
         partition_key=str(campaign_id),
         resources=defs.resources,

@@ -93,9 +93,17 @@ def env_or_default(name: str, default: str) -> str | dg.EnvVar:
 
 def default_schedule_status() -> dg.DefaultScheduleStatus:
     """RUNNING unless ``CFI_AUTOMATION=off``."""
-    return dg.DefaultScheduleStatus.RUNNING if get_settings().automation else dg.DefaultScheduleStatus.STOPPED
+    return (
+        dg.DefaultScheduleStatus.RUNNING
+        if get_settings().automation
+        else dg.DefaultScheduleStatus.STOPPED
+    )
 
 
 def default_sensor_status() -> dg.DefaultSensorStatus:
     """RUNNING unless ``CFI_AUTOMATION=off``."""
-    return dg.DefaultSensorStatus.RUNNING if get_settings().automation else dg.DefaultSensorStatus.STOPPED
+    return (
+        dg.DefaultSensorStatus.RUNNING
+        if get_settings().automation
+        else dg.DefaultSensorStatus.STOPPED
+    )

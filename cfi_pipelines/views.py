@@ -162,7 +162,9 @@ def _invoices(incremental: bool) -> sa.Select:
     excl = sa.func.round(sa.func.coalesce(lines.c.excl, 0), 2)
     tax = sa.func.round(sa.func.coalesce(lines.c.tax, 0), 2)
     paid_amount = sa.func.round(sa.func.coalesce(paid.c.paid, 0), 2)
-    outstanding = sa.case((i.c.status == "cancelled", 0), else_=excl + tax - paid_amount)
+    outstanding = sa.case(
+        (i.c.status == "cancelled", 0), else_=sa.func.round(excl + tax - paid_amount, 2)
+    )
     q = sa.select(
         i.c.tenant_id,
         i.c.id.label("invoice_id"),

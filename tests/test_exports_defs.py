@@ -6,6 +6,7 @@ import dagster as dg
 import sqlalchemy as sa
 
 from cfi_pipelines.db import create_engine
+from cfi_pipelines.definitions import build_resources
 from cfi_pipelines.devtools.seed_mycfia import add_campaign
 from cfi_pipelines.devtools.sftp_server import DevSFTPServer
 from cfi_pipelines.exports_defs import build_export_defs, export_command
@@ -16,7 +17,9 @@ def test_defs_load_with_embedded_defaults(tmp_path, monkeypatch):
     monkeypatch.setenv("CFI_HOME", str(tmp_path))
     monkeypatch.delenv("CFI_SFTP_HOST", raising=False)
     defs = build_export_defs(retry_delay=0)
-    dg.Definitions.validate_loadable(defs)
+    dg.Definitions.validate_loadable(
+        dg.Definitions.merge(defs, dg.Definitions(resources=build_resources()))
+    )
     assert defs.resources["sftp"].host == "127.0.0.1"
     assert {s.name for s in defs.sensors} == {"validated_campaigns_sensor"}
 

@@ -1,7 +1,6 @@
 """The four views of the common DB as Dagster assets, built by one factory from
 :data:`cfi_pipelines.views.VIEWS`, with their checks and schedules beside them."""
 
-
 from datetime import timedelta
 from typing import Literal
 
@@ -48,7 +47,9 @@ def view_op_name(view: str) -> str:
 def _column_schema(spec: ViewSpec) -> dg.TableSchema:
     return dg.TableSchema(
         columns=[
-            dg.TableColumn(c.name, str(c.type), constraints=dg.TableColumnConstraints(nullable=c.nullable))
+            dg.TableColumn(
+                c.name, str(c.type), constraints=dg.TableColumnConstraints(nullable=c.nullable)
+            )
             for c in spec.table.columns
         ]
     )
@@ -92,7 +93,11 @@ def build_view_asset(spec: ViewSpec) -> dg.AssetsDefinition:
         except RefreshRefused as exc:
             raise dg.Failure(
                 description=str(exc),
-                metadata={"view": spec.name, "staging_rows": exc.staging_rows, "live_rows": exc.live_rows},
+                metadata={
+                    "view": spec.name,
+                    "staging_rows": exc.staging_rows,
+                    "live_rows": exc.live_rows,
+                },
                 allow_retries=False,
             ) from exc
         except sa.exc.OperationalError as exc:
@@ -118,9 +123,13 @@ def build_view_asset(spec: ViewSpec) -> dg.AssetsDefinition:
                 "updated": r.updated,
                 "deleted": r.deleted,
                 "duration_s": dg.FloatMetadataValue(round(r.duration_s, 3)),
-                "lag_s": dg.FloatMetadataValue(round((utcnow() - r.source_snapshot_at).total_seconds(), 3)),
+                "lag_s": dg.FloatMetadataValue(
+                    round((utcnow() - r.source_snapshot_at).total_seconds(), 3)
+                ),
                 "watermark": watermark or "",
-                "watermark_epoch": dg.FloatMetadataValue(r.watermark.timestamp() if r.watermark else 0.0),
+                "watermark_epoch": dg.FloatMetadataValue(
+                    r.watermark.timestamp() if r.watermark else 0.0
+                ),
                 "mode": r.mode,
                 "source_snapshot_at": r.source_snapshot_at.isoformat(),
             }
@@ -154,7 +163,9 @@ def build_view_checks(spec: ViewSpec) -> list[dg.AssetChecksDefinition]:
             passed=passed,
             severity=severity,
             description=(
-                "never refreshed" if age is None else f"updated {age.total_seconds() / 60:.1f} min ago"
+                "never refreshed"
+                if age is None
+                else f"updated {age.total_seconds() / 60:.1f} min ago"
             ),
             metadata={
                 "age_s": dg.FloatMetadataValue(age.total_seconds() if age is not None else None),
@@ -170,21 +181,32 @@ def build_view_checks(spec: ViewSpec) -> list[dg.AssetChecksDefinition]:
         name="not_empty",
         description=f"`{spec.table_name}` has rows whenever `{spec.driving_table.name}` in the source has.",
     )
-    def not_empty(cfi_source: DatabaseResource, cfi_common: DatabaseResource) -> dg.AssetCheckResult:
+    def not_empty(
+        cfi_source: DatabaseResource, cfi_common: DatabaseResource
+    ) -> dg.AssetCheckResult:
         with cfi_common.engine().connect() as conn:
             has_table = sa.inspect(conn).has_table(spec.table_name)
-            view_rows = conn.scalar(sa.select(sa.func.count()).select_from(spec.table)) if has_table else 0
+            view_rows = (
+                conn.scalar(sa.select(sa.func.count()).select_from(spec.table)) if has_table else 0
+            )
         try:
             with cfi_source.engine().connect() as conn:
-                source_rows = conn.scalar(sa.select(sa.func.count()).select_from(spec.driving_table))
+                source_rows = conn.scalar(
+                    sa.select(sa.func.count()).select_from(spec.driving_table)
+                )
         except sa.exc.OperationalError:
             source_rows = None  # unreachable: judge the view alone
         passed = bool(view_rows) or source_rows == 0
         return dg.AssetCheckResult(
             passed=passed,
             severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"view_rows": view_rows or 0, "source_rows": source_rows if source_rows is not None else -1},
-            description=None if passed else f"{spec.table_name} is empty but the source has {source_rows} rows",
+            metadata={
+                "view_rows": view_rows or 0,
+                "source_rows": source_rows if source_rows is not None else -1,
+            },
+            description=None
+            if passed
+            else f"{spec.table_name} is empty but the source has {source_rows} rows",
         )
 
     return [freshness, not_empty]

@@ -57,7 +57,9 @@ def run_demo(scale: int = 1) -> int:
 
     with embedded_sftp() as server:
         if server is not None:
-            _say(f"[2/5] embedded SFTP server on 127.0.0.1:{server.port} (root {server.paths.root})")
+            _say(
+                f"[2/5] embedded SFTP server on 127.0.0.1:{server.port} (root {server.paths.root})"
+            )
         else:
             _say(f"[2/5] using CFI's SFTP server {s.sftp_host}")
 
@@ -76,7 +78,9 @@ def run_demo(scale: int = 1) -> int:
             if ev.event_type_value == "ASSET_CHECK_EVALUATION":
                 data = ev.event_specific_data
                 state = "PASS" if data.passed else data.severity.value
-                check_state.setdefault(data.asset_key.path[-1], []).append(f"{data.check_name}={state}")
+                check_state.setdefault(data.asset_key.path[-1], []).append(
+                    f"{data.check_name}={state}"
+                )
                 ok &= data.passed
 
         engine = engine_for(s.mycfia_url)
@@ -85,12 +89,17 @@ def run_demo(scale: int = 1) -> int:
             validated = conn.execute(
                 sa.select(c.id, c.name).where(c.status == "validated").order_by(c.id)
             ).all()
-        _say(f"[5/5] exporting {len(validated)} validated campaigns (Dagster job campaign_export) …")
+        _say(
+            f"[5/5] exporting {len(validated)} validated campaigns (Dagster job campaign_export) …"
+        )
         job = defs.resolve_job_def("campaign_export")
         instance.add_dynamic_partitions("campaigns", [str(cid) for cid, _ in validated])
         for i, (cid, name) in enumerate(validated, 1):
             job.execute_in_process(
-                instance=instance, partition_key=str(cid), raise_on_error=False, tags={"cfi/trigger": "demo"}
+                instance=instance,
+                partition_key=str(cid),
+                raise_on_error=False,
+                tags={"cfi/trigger": "demo"},
             )
             _say(f"      {i}/{len(validated)} campaign {cid} ({name[:40]})")
 
@@ -105,7 +114,9 @@ def run_demo(scale: int = 1) -> int:
     e = mycfia.campaign_exports.c
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.select(e.campaign_id, e.revision, e.status, e.manifest_path, e.error).order_by(e.campaign_id, e.revision)
+            sa.select(e.campaign_id, e.revision, e.status, e.manifest_path, e.error).order_by(
+                e.campaign_id, e.revision
+            )
         ).all()
     expected_invalid = {cid for cid, name in validated if "invalid" in name.lower()}
     for r in rows:
@@ -113,7 +124,10 @@ def run_demo(scale: int = 1) -> int:
             _say(f"  campaign {r.campaign_id} r{r.revision}: delivered -> {r.manifest_path}")
         else:
             first = (r.error or "").strip().splitlines()[:3]
-            _say(f"  campaign {r.campaign_id} r{r.revision}: {r.status.upper()}  " + " | ".join(first))
+            _say(
+                f"  campaign {r.campaign_id} r{r.revision}: {r.status.upper()}  "
+                + " | ".join(first)
+            )
             if r.status != "rejected" or r.campaign_id not in expected_invalid:
                 ok &= r.status == "rejected"  # a rejection is the expected outcome for bad input
     _say("Files:")

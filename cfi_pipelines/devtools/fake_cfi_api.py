@@ -263,6 +263,8 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s - %s", self.address_string(), format % args)
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        # logged before answering: once the client has the response, the log shows it
+        self.app.log.add(self.path, status)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -270,7 +272,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
-        self.app.log.add(self.path, status)
 
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps({"error": message}).encode(), headers)

@@ -87,7 +87,9 @@ class TempPostgres:
         if self._owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def url(self, database: str = "postgres", user: str = SUPERUSER, password: str = PASSWORD) -> str:
+    def url(
+        self, database: str = "postgres", user: str = SUPERUSER, password: str = PASSWORD
+    ) -> str:
         return f"postgresql+psycopg://{user}:{password}@127.0.0.1:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
@@ -95,7 +97,12 @@ class TempPostgres:
         import psycopg
 
         with psycopg.connect(
-            host="127.0.0.1", port=self.port, user=SUPERUSER, password=PASSWORD, dbname="postgres", autocommit=True
+            host="127.0.0.1",
+            port=self.port,
+            user=SUPERUSER,
+            password=PASSWORD,
+            dbname="postgres",
+            autocommit=True,
         ) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)

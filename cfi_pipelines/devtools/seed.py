@@ -324,19 +324,19 @@ def seed_source(
                 total += qty * price * Decimal("1.2")
             r = rng.random()
             status = "cancelled" if r < 0.02 else "issued"
-            if status == "issued" and (due >= today or r < 0.85):  # ~13% of past-due ones stay late
-                if r < 0.9:
-                    payments.append(
-                        (
-                            len(payments) + 1,
-                            iid,
-                            total.quantize(Decimal("0.01")),
-                            min(due, today),
-                            rng.choice(("virement", "carte", "cheque")),
-                            ts(),
-                        )
+            # paid: most; unpaid past due (late): ~10 %; unpaid not yet due: the rest
+            if status == "issued" and r < 0.9 and (due >= today or r < 0.85):
+                payments.append(
+                    (
+                        len(payments) + 1,
+                        iid,
+                        total.quantize(Decimal("0.01")),
+                        min(due, today),
+                        rng.choice(("virement", "carte", "cheque")),
+                        ts(),
                     )
-                    status = "paid"
+                )
+                status = "paid"
             invoices.append(
                 (iid, tenant, client, f"FAC-{issued:%Y}-{iid:07d}", issued, due, status, ts())
             )

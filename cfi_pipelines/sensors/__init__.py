@@ -1,0 +1,1 @@
+"""Sensors: view lag, validated campaigns, alerts."""
