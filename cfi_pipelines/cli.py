@@ -345,7 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PASSTHROUGH = {
+    "sftp-server": cmd_sftp_server,
+    "fake-cfi-api": cmd_fake_api,
+    "dev": cmd_dev,
+    "metrics": cmd_metrics,
+    "kpis": cmd_kpis,
+}
+"""Commands that parse their own options (argparse's REMAINDER would drop ``--port``)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return int(PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:])) or 0)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

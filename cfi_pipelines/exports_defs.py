@@ -26,7 +26,8 @@ def sftp_resource() -> SFTPResource:
         private_key=dg.EnvVar("CFI_SFTP_KEY"),
         known_hosts=settings.sftp_known_hosts or "~/.ssh/known_hosts",
         remote_dir=settings.sftp_dir,
-        write_size=int(os.environ.get("CFI_SFTP_WRITE_SIZE") or 32_675),
+        # 0: negotiated with the server (large writes on OpenSSH), see resources/sftp.py
+        write_size=int(os.environ.get("CFI_SFTP_WRITE_SIZE") or 0),
     )
 
 

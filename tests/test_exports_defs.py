@@ -11,16 +11,18 @@ from cfi_pipelines.devtools.seed_mycfia import add_campaign
 from cfi_pipelines.devtools.sftp_server import DevSFTPServer
 from cfi_pipelines.exports_defs import build_export_defs, export_command
 from cfi_pipelines.model import mycfia
+from cfi_pipelines.resources.alerts import build_alerts_resource
 
 
 def test_defs_load_with_embedded_defaults(tmp_path, monkeypatch):
     monkeypatch.setenv("CFI_HOME", str(tmp_path))
     monkeypatch.delenv("CFI_SFTP_HOST", raising=False)
     defs = build_export_defs(retry_delay=0)
-    dg.Definitions.validate_loadable(
-        dg.Definitions.merge(defs, dg.Definitions(resources=build_resources()))
-    )
+    # "alerts" comes from fallback_defs in the code location
+    others = dg.Definitions(resources={**build_resources(), "alerts": build_alerts_resource()})
+    dg.Definitions.validate_loadable(dg.Definitions.merge(defs, others))
     assert defs.resources["sftp"].host == "127.0.0.1"
+    assert defs.resources["sftp"].write_size == 0  # negotiated with the server
     assert {s.name for s in defs.sensors} == {"validated_campaigns_sensor"}
 
 

@@ -3,7 +3,9 @@
 ``cfi_export/campaign_files`` builds the JSON + CSV + manifest in the outbox and
 carries the blocking check ``valid_against_schema``; ``cfi_export/campaign_delivery``
 uploads them over SFTP, under a retry policy, only when the check passed. Both
-write the outcome to MyCfia's ``campaign_exports`` table.
+write the outcome to MyCfia's ``campaign_exports`` table, and alert (resource
+"alerts"): a rejected campaign, a delivery that failed for good (last retry, or an
+error no retry can fix), then "recovered" once the campaign is delivered.
 """
 
 import os
@@ -12,15 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import paramiko
 import sqlalchemy as sa
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
+from cfi_pipelines import alerts as alerting
 from cfi_pipelines.exports import CampaignNotExportable, ExportBundle, build_export, deliver
+from cfi_pipelines.exports.delivery import BUG, PERMANENT, classify_error
 from cfi_pipelines.exports.document import load_bundle
 from cfi_pipelines.model import mycfia as model
+from cfi_pipelines.resources.alerts import AlertsResource
 from cfi_pipelines.resources.databases import DatabaseResource
-from cfi_pipelines.resources.sftp import SFTPPermanentError, SFTPResource
+from cfi_pipelines.resources.sftp import HostKeyError, SFTPResource
 from cfi_pipelines.settings import get_settings
 
 campaigns_partitions = dg.DynamicPartitionsDefinition(name="campaigns")
@@ -63,6 +67,14 @@ def record_export(conn: sa.Connection, campaign_id: int, revision: int, **values
         conn.execute(sa.insert(t).values(campaign_id=campaign_id, revision=revision, **values))
 
 
+def _alert(context: dg.AssetExecutionContext, what: str, send: Any, *args: Any, **kw: Any) -> None:
+    # Alerting must never change the outcome of the export it reports on.
+    try:
+        send(*args, **kw)
+    except Exception as exc:
+        context.log.error(f"could not alert ({what}): {type(exc).__name__}: {exc}")
+
+
 def _files_metadata(bundle: ExportBundle) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "campaign_id": bundle.campaign_id,
@@ -96,7 +108,7 @@ def _files_metadata(bundle: ExportBundle) -> dict[str, Any]:
     ],
 )
 def campaign_files(
-    context: dg.AssetExecutionContext, mycfia: DatabaseResource
+    context: dg.AssetExecutionContext, mycfia: DatabaseResource, alerts: AlertsResource
 ) -> dg.MaterializeResult:
     """Build and validate one campaign's export; record pending or rejected."""
     campaign_id = _campaign_id(context)
@@ -141,6 +153,20 @@ def campaign_files(
     if not bundle.valid:
         context.log.error(
             f"campaign {campaign_id} r{bundle.revision} rejected:\n{bundle.error_text()}"
+        )
+        reasons = [str(e) for e in bundle.errors[:20]]
+        if bundle.error_count > len(reasons):
+            reasons.append(f"... and {bundle.error_count - len(reasons)} more (see the run)")
+        _alert(  # once per (campaign, revision): the alerter keeps the episode open
+            context,
+            "campaign rejected",
+            alerting.alert_campaign_rejected,
+            campaign_id,
+            bundle.revision,
+            reasons,
+            tenant=bundle.tenant_code or None,
+            run_id=context.run.run_id,
+            alerter=alerts.alerter(context.log),
         )
     check = dg.AssetCheckResult(
         check_name=CHECK_NAME,
@@ -189,7 +215,10 @@ def build_delivery_asset(delay: float | None = None) -> dg.AssetsDefinition:
         ".json/.csv/.manifest.json, the manifest last. Atomic and idempotent; retried 3 times.",
     )
     def campaign_delivery(
-        context: dg.AssetExecutionContext, mycfia: DatabaseResource, sftp: SFTPResource
+        context: dg.AssetExecutionContext,
+        mycfia: DatabaseResource,
+        sftp: SFTPResource,
+        alerts: AlertsResource,
     ) -> dg.MaterializeResult:
         """Upload the built files of the partition's campaign over one SFTP connection."""
         campaign_id = _campaign_id(context)
@@ -206,25 +235,80 @@ def build_delivery_asset(delay: float | None = None) -> dg.AssetsDefinition:
             )
         revision = row.revision
         where = f"campaign {campaign_id} r{revision} to {sftp.target}"
+        alerter = alerts.alerter(context.log)
+
+        def fail(message: str, retry: bool, exc: BaseException) -> dg.Failure:
+            """Record the attempt; alert when it is the last one; the Failure to raise."""
+            _failed(engine, campaign_id, revision, attempt, message, final=not retry)
+            if not retry:
+                _alert(
+                    context,
+                    "export failed",
+                    alerting.alert_export_failed,
+                    campaign_id,
+                    revision,
+                    message,
+                    tenant=bundle.tenant_code if bundle else None,
+                    attempts=attempt,
+                    run_id=context.run.run_id,
+                    alerter=alerter,
+                )
+            return dg.Failure(
+                message + (" (will retry)" if retry else ""),
+                metadata={
+                    "campaign_id": campaign_id,
+                    "host": sftp.host,
+                    "port": sftp.port,
+                    "attempt": attempt,
+                    "error_type": type(exc).__name__,
+                },
+                allow_retries=retry,
+            )
+
+        bundle: ExportBundle | None = None
         try:
             bundle = load_bundle(Path(row.local_manifest), row.validated_at)
-            with sftp.connect() as client:  # one connection for all the files
-                delivery = deliver(client, bundle, sftp.remote_dir, sftp.write_size)
-        except SFTPPermanentError as exc:
-            _failed(engine, campaign_id, revision, attempt, str(exc))
-            raise dg.Failure(
-                f"{where}: {exc}",
-                metadata={"campaign_id": campaign_id, "host": sftp.host, "port": sftp.port},
-                allow_retries=False,
-            ) from None
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            final = attempt > MAX_RETRIES
-            message = f"{where}, attempt {attempt}/{MAX_RETRIES + 1}: {type(exc).__name__}: {exc}"
-            _failed(engine, campaign_id, revision, attempt, message, final=final)
-            raise dg.Failure(
-                message + ("" if final else " (will retry)"),
-                metadata={"campaign_id": campaign_id, "host": sftp.host, "attempt": attempt},
+        except (OSError, ValueError, KeyError) as exc:
+            raise fail(
+                f"campaign {campaign_id} r{revision}: the built files are gone or damaged "
+                f"({type(exc).__name__}: {exc}). Rebuild them: re-materialize partition "
+                f"{campaign_id} of both export assets (`cfi-pipelines export {campaign_id} "
+                "--force`).",
+                retry=False,
+                exc=exc,
             ) from exc
+        try:
+            with sftp.session() as session:  # one connection for all the files
+                delivery = deliver(session.sftp, bundle, sftp.remote_dir, session.write_size)
+        except Exception as exc:
+            kind = classify_error(exc)
+            detail = f"{type(exc).__name__}: {exc}"
+            if kind == BUG:
+                # A defect of the export code: the same code on the same data fails again.
+                raise fail(
+                    f"{where}: unexpected error in the export code, not retried: {detail}. "
+                    "This is a bug, not a network problem: report it with this run's logs; "
+                    f"once fixed, re-export with `cfi-pipelines export {campaign_id} --force`.",
+                    retry=False,
+                    exc=exc,
+                ) from exc
+            if kind == PERMANENT:
+                hint = (
+                    ""
+                    if isinstance(exc, HostKeyError)  # its message says what to check
+                    else " Check CFI_SFTP_USER, CFI_SFTP_KEY and the server's authorized_keys "
+                    "and permissions on CFI_SFTP_DIR; retrying cannot help."
+                )
+                raise fail(f"{where}: {detail}.{hint}", retry=False, exc=exc) from None
+            final = attempt > MAX_RETRIES
+            message = f"{where}, attempt {attempt}/{MAX_RETRIES + 1}: {detail}"
+            if final:
+                message += (
+                    f". The SFTP server {sftp.host}:{sftp.port} was unreachable or dropped the "
+                    "connection on every attempt: check that it is up and reachable from Dagster "
+                    f"(host, port, firewall), then `cfi-pipelines export {campaign_id} --force`."
+                )
+            raise fail(message, retry=not final, exc=exc) from exc
 
         delivered_at = _now()
         latency = (
@@ -257,7 +341,11 @@ def build_delivery_asset(delay: float | None = None) -> dg.AssetsDefinition:
         meta.update({f"remote_{k}": v for k, v in delivery.remote_paths.items()})
         if latency is not None:
             meta["seconds_from_validation"] = dg.MetadataValue.float(latency)
+        meta["write_size"] = dg.MetadataValue.int(session.write_size)
         context.log.info(f"delivered {where} in {delivery.seconds:.2f}s (attempt {attempt})")
+        _alert(
+            context, "recovered", alerting.resolve_export, campaign_id, revision, alerter=alerter
+        )
         return dg.MaterializeResult(metadata=meta)
 
     return campaign_delivery

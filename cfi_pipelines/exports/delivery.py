@@ -20,11 +20,12 @@ import paramiko
 
 from cfi_pipelines.exports.document import ExportBundle
 from cfi_pipelines.exports.errors import DeliveryError
+from cfi_pipelines.resources.sftp import SAFE_WRITE_SIZE, SFTPPermanentError
 
-WRITE_CHUNK = 32_675
-"""Default bytes per SFTP write: request header included, one write fills one 32 KiB SSH
-packet, which every SFTP server accepts. OpenSSH's sftp-server takes up to 256 KiB per
-request: 255,000 there nearly doubles paramiko's throughput (fewer Python round trips)."""
+WRITE_CHUNK = SAFE_WRITE_SIZE
+"""Default bytes per SFTP write, which every server accepts; a connection opened by
+:class:`~cfi_pipelines.resources.sftp.SFTPResource` negotiates larger writes where the
+server takes them (``SFTPConnection.write_size``)."""
 ORDER = ("json", "csv", "manifest")  # the manifest last: it says "complete"
 
 
@@ -107,3 +108,31 @@ def deliver(
         upload_atomic(sftp, bundle.local_path(kind), paths[kind], size, write_size)
         total += size
     return Delivery(remote_paths=paths, bytes=total, seconds=time.perf_counter() - started)
+
+
+TRANSIENT = "transient"
+PERMANENT = "permanent"
+BUG = "bug"
+
+
+def classify_error(exc: BaseException) -> str:
+    """Whether a delivery error is worth a retry.
+
+    - ``permanent``: the server refused us (host key, authentication, no common
+      algorithm) or forbids the write (permission denied): an operator must act.
+    - ``transient``: the network or the server hiccuped (refused, reset or dropped
+      connection, timeout, SSH protocol error, size mismatch, I/O error): retry.
+    - ``bug``: anything else (``KeyError``, ``TypeError``...) is a defect of the
+      export code: retrying runs the same code on the same data, so it fails at once.
+    """
+    if isinstance(exc, SFTPPermanentError | PermissionError):
+        return PERMANENT
+    if isinstance(exc, paramiko.AuthenticationException | paramiko.BadHostKeyException):
+        return PERMANENT
+    if isinstance(exc, paramiko.SSHException):
+        # "Incompatible ssh peer (no acceptable kex algorithm)": configuration, not luck
+        return PERMANENT if "incompatible" in str(exc).lower() else TRANSIENT
+    # socket.timeout is TimeoutError; both it and ConnectionError are OSErrors
+    if isinstance(exc, TimeoutError | ConnectionError | EOFError | OSError | DeliveryError):
+        return TRANSIENT
+    return BUG

@@ -11,9 +11,10 @@ The resource only holds configuration and opens one connection per run
   ``@cert-authority``) and malformed lines make paramiko's own loader crash.
 - Connect, banner, authentication and channel I/O all have timeouts.
 - AES-GCM first and a large window: about twice paramiko's default throughput.
+- Write requests as large as the server takes (:func:`negotiate_write_size`):
+  OpenSSH's sftp-server accepts 255,000-byte writes (1.13x OpenSSH's own client
+  on 100 MB, against 0.90x with the universal 32,675).
 """
-
-from __future__ import annotations
 
 import io
 import logging
@@ -37,6 +38,12 @@ PREFERRED_CIPHERS = (
 )
 WINDOW_SIZE = 64 * 1024 * 1024
 _RSA_ALGOS = ("rsa-sha2-512", "rsa-sha2-256")
+
+SAFE_WRITE_SIZE = 32_675
+"""Bytes per SFTP write that any server accepts: request and header fit one 32 KiB packet."""
+LARGE_WRITE_SIZE = 255_000
+"""Bytes per write on servers known to take more (OpenSSH: 256 KiB messages): fewer
+Python round trips, the fastest size measured by ``benchmarks/sftp.py``."""
 
 
 class SFTPPermanentError(Exception):
@@ -160,12 +167,51 @@ def _host_key_order(known: KnownHosts, host: str, port: int) -> list[str]:
     return preferred
 
 
+def server_write_limit(sftp: paramiko.SFTPClient) -> int | None:
+    """The server's max-write-length from the ``limits@openssh.com`` extension
+    (OpenSSH 8.6+), or None when the server does not answer it (or sets no limit)."""
+    from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
+
+    try:
+        kind, msg = sftp._request(CMD_EXTENDED, "limits@openssh.com")
+    except (OSError, paramiko.SSHException):  # "Operation unsupported" and the like
+        return None
+    if kind != CMD_EXTENDED_REPLY:
+        return None
+    msg.get_int64()  # max packet length
+    msg.get_int64()  # max read length
+    return msg.get_int64() or None
+
+
+def negotiate_write_size(
+    transport: paramiko.Transport, sftp: paramiko.SFTPClient, configured: int = 0
+) -> int:
+    """Bytes per SFTP write for this server.
+
+    ``configured`` > 0 is used as given (capped by the server's announced limit);
+    0 means automatic: the server's ``limits@openssh.com`` write limit up to
+    :data:`LARGE_WRITE_SIZE`; else :data:`LARGE_WRITE_SIZE` when the banner says
+    OpenSSH (whose sftp-server has taken 256 KiB messages for two decades); else
+    :data:`SAFE_WRITE_SIZE`, which every server accepts.
+    """
+    limit = server_write_limit(sftp)
+    if configured > 0:
+        return min(configured, limit) if limit else configured
+    if limit:
+        return min(limit, LARGE_WRITE_SIZE)
+    banner = transport.remote_version or ""
+    return LARGE_WRITE_SIZE if banner.startswith("SSH-2.0-OpenSSH_") else SAFE_WRITE_SIZE
+
+
 @dataclass
 class SFTPConnection:
-    """An open SFTP session and its transport; close it with :meth:`close`."""
+    """An open SFTP session and its transport; close it with :meth:`close`.
+
+    ``write_size``: bytes per write request, negotiated with the server."""
 
     transport: paramiko.Transport
     sftp: paramiko.SFTPClient
+    write_size: int = SAFE_WRITE_SIZE
 
     def close(self) -> None:
         try:
@@ -184,8 +230,10 @@ def open_sftp(
     connect_timeout: float = 10.0,
     io_timeout: float = 30.0,
     window_size: int = WINDOW_SIZE,
+    write_size: int = 0,
 ) -> SFTPConnection:
-    """Connect, verify the host key, authenticate with ``pkey``, open SFTP.
+    """Connect, verify the host key, authenticate with ``pkey``, open SFTP, and
+    negotiate the write size (``write_size`` 0: automatic, see :func:`negotiate_write_size`).
 
     Raises :class:`HostKeyError` / :class:`AuthError` (permanent) or ``OSError`` /
     ``paramiko.SSHException`` (transient: refused, dropped, timed out).
@@ -223,7 +271,7 @@ def open_sftp(
         channel.invoke_subsystem("sftp")
         sftp = paramiko.SFTPClient(channel)
         transport.set_keepalive(15)
-        return SFTPConnection(transport, sftp)
+        return SFTPConnection(transport, sftp, negotiate_write_size(transport, sftp, write_size))
     except BaseException:
         transport.close()
         raise
@@ -252,8 +300,10 @@ class SFTPResource(dg.ConfigurableResource):
         default=30.0, description="Seconds without progress on the SFTP channel"
     )
     write_size: int = Field(
-        default=32_675,
-        description="Bytes per SFTP write request; 255000 suits OpenSSH servers (CFI_SFTP_WRITE_SIZE)",
+        default=0,
+        ge=0,
+        description="Bytes per SFTP write request; 0 (default) negotiates with the server: "
+        "255000 on OpenSSH, 32675 elsewhere (CFI_SFTP_WRITE_SIZE)",
     )
 
     @property
@@ -272,13 +322,20 @@ class SFTPResource(dg.ConfigurableResource):
             self.known_hosts,
             connect_timeout=self.connect_timeout,
             io_timeout=self.io_timeout,
+            write_size=self.write_size,
         )
+
+    @contextmanager
+    def session(self) -> Iterator[SFTPConnection]:
+        """One connection for a whole run, with its negotiated ``write_size``."""
+        conn = self.open()
+        try:
+            yield conn
+        finally:
+            conn.close()
 
     @contextmanager
     def connect(self) -> Iterator[paramiko.SFTPClient]:
         """One SFTP session for a whole run: ``with sftp.connect() as client: ...``."""
-        conn = self.open()
-        try:
+        with self.session() as conn:
             yield conn.sftp
-        finally:
-            conn.close()

@@ -20,6 +20,9 @@ from cfi_pipelines.sensors.lag import probe_all
 from cfi_pipelines.settings import default_sensor_status
 from cfi_pipelines.views import VIEWS
 
+OWN_ALERTS_JOBS = frozenset({"campaign_export"})
+"""Jobs whose failures are alerted by their assets, with campaign-level detail."""
+
 
 def run_scope(run: dg.DagsterRun) -> str:
     """What a run worked on (partition, or selected assets): failures of different
@@ -82,6 +85,11 @@ def build_alert_sensors() -> list[dg.SensorDefinition]:
     )
     def alert_on_run_failure(context: dg.RunFailureSensorContext, alerts: AlertsResource) -> None:
         run = context.dagster_run
+        if run.job_name in OWN_ALERTS_JOBS:
+            # the export assets alert themselves, per campaign (rejected / failed after
+            # its retries / recovered): a second, generic alert would only be noise
+            context.log.info(f"{run.job_name} run {run.run_id}: alerted by the export itself")
+            return
         alerter = alerts.alerter(context.log)
         alert = run_failed_alert(
             run.job_name,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
+import paramiko
 import pytest
 import sqlalchemy as sa
 
+from cfi_pipelines.assets import exports as export_assets
 from cfi_pipelines.assets.exports import (
     CHECK_NAME,
     DELIVERY_KEY,
@@ -16,6 +20,7 @@ from cfi_pipelines.assets.exports import (
 from cfi_pipelines.db import create_engine
 from cfi_pipelines.devtools.seed_mycfia import add_campaign, default_targets
 from cfi_pipelines.model import mycfia
+from cfi_pipelines.resources.alerts import AlertsResource
 from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.resources.sftp import SFTPResource
 
@@ -45,16 +50,35 @@ def sftp_for(server, drop, port=None, known_hosts=None, key=None) -> SFTPResourc
     )
 
 
-def export(env, campaign_id: int, sftp: SFTPResource, instance=None) -> dg.ExecuteInProcessResult:
+def export(
+    env, campaign_id: int, sftp: SFTPResource, instance=None, alerts=None
+) -> dg.ExecuteInProcessResult:
     instance = instance or dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(campaigns_partitions.name, [str(campaign_id)])
     return dg.materialize(
         build_export_assets(delay=0),
         instance=instance,
         partition_key=str(campaign_id),
-        resources={"mycfia": DatabaseResource(url=env["url"]), "sftp": sftp},
+        resources={
+            "mycfia": DatabaseResource(url=env["url"]),
+            "sftp": sftp,
+            "alerts": alerts or AlertsResource(),  # no channel: alerts are only logged
+        },
         raise_on_error=False,
     )
+
+
+def webhook_alerts(receiver, env) -> AlertsResource:
+    """Alerts POSTed to the local ``receiver``; episodes kept under the test's tmp dir."""
+    return AlertsResource(
+        webhook_url=receiver.url + "/hook",
+        state_path=str(env["tmp"] / "alerts" / "state.json"),
+        webserver_url="http://dagster.test",
+    )
+
+
+def received(receiver) -> list[dict]:
+    return [r.json() for r in receiver.requests if r.path == "/hook"]
 
 
 def export_row(env, campaign_id: int):
@@ -85,6 +109,7 @@ def test_validated_campaign_is_delivered_with_metadata(env, sshd):
     (mat,) = result.asset_materializations_for_node("cfi_export__campaign_delivery")
     meta = mat.metadata
     assert meta["attempts"].value == 1
+    assert meta["write_size"].value == 255_000  # negotiated with OpenSSH
     assert meta["remote_manifest"].value == f"{env['drop']}/T011/campaign_11_r2.manifest.json"
     assert meta["seconds_from_validation"].value >= 0
     (check,) = result.get_asset_check_evaluations()
@@ -95,13 +120,14 @@ def test_validated_campaign_is_delivered_with_metadata(env, sshd):
     assert row.manifest_path.endswith("campaign_11_r2.manifest.json")
 
 
-def test_invalid_campaign_rejected_by_blocking_check_nothing_uploaded(env, sshd):
+def test_invalid_campaign_rejected_by_blocking_check_nothing_uploaded(env, sshd, http_receiver):
     bad = default_targets(2)
     bad[1]["email"] = "=cmd|'/C calc'!A0"
     with env["engine"].begin() as conn:
         add_campaign(conn, 12, targets=bad)
         add_campaign(conn, 13, tenant_code="T013")
-    result = export(env, 12, sftp_for(sshd, env["drop"]))
+    alerts = webhook_alerts(http_receiver, env)
+    result = export(env, 12, sftp_for(sshd, env["drop"]), alerts=alerts)
     (check,) = result.get_asset_check_evaluations()
     assert not check.passed
     assert check.metadata["errors"].value[0]["pointer"] == "/targets/1/email"
@@ -109,8 +135,19 @@ def test_invalid_campaign_rejected_by_blocking_check_nothing_uploaded(env, sshd)
     assert not env["drop"].exists()
     row = export_row(env, 12)
     assert row.status == "rejected" and "/targets/1/email" in row.error
+    # the operator hears of it once, with the campaign, the error and what to do
+    (alert,) = received(http_receiver)
+    assert alert["key"] == "campaign_rejected:12:r1" and alert["event"] == "alert"
+    assert "Campaign 12 r1 was rejected" in alert["title"]
+    assert (
+        "/targets/1/email: " in alert["text"] and "Correct the campaign in MyCfia" in alert["text"]
+    )
+    assert alert["link"] == f"http://dagster.test/runs/{result.run_id}"
+    assert alert["fields"]["tenant"] == "T001"
+    export(env, 12, sftp_for(sshd, env["drop"]), alerts=alerts)  # same revision again
+    assert len(received(http_receiver)) == 1  # same episode: no second alert
     # the other campaigns go on
-    assert export(env, 13, sftp_for(sshd, env["drop"])).success
+    assert export(env, 13, sftp_for(sshd, env["drop"]), alerts=alerts).success
     assert (env["drop"] / "T013" / "campaign_13_r1.manifest.json").exists()
 
 
@@ -124,15 +161,19 @@ def test_draft_fails_at_once(env, sshd):
     assert not [m for m in result.get_asset_materialization_events() if m.asset_key == FILES_KEY]
 
 
-def test_wrong_client_key_is_not_retried(env, sshd, ssh_keys):
+def test_wrong_client_key_is_not_retried(env, sshd, ssh_keys, http_receiver):
     with env["engine"].begin() as conn:
         add_campaign(conn, 15)
     sftp = sftp_for(sshd, env["drop"], key=ssh_keys["stranger"])
-    result = export(env, 15, sftp)
+    result = export(env, 15, sftp, alerts=webhook_alerts(http_receiver, env))
     assert not result.success
     assert delivery_attempts(result) == 1
     row = export_row(env, 15)
     assert row.status == "failed" and "refused the key" in row.error and row.attempts == 1
+    (alert,) = received(http_receiver)  # final at once: alerted at once
+    assert alert["key"] == "export_failed:15:r1"
+    assert "after 1 attempts" in alert["title"]
+    assert "CFI_SFTP_KEY" in alert["text"] and "cfi-pipelines export 15 --force" in alert["text"]
 
 
 def test_unknown_host_key_is_not_retried(env, sshd, tmp_path):
@@ -146,21 +187,92 @@ def test_unknown_host_key_is_not_retried(env, sshd, tmp_path):
     assert "ssh-ed25519 key SHA256:" in export_row(env, 16).error
 
 
-def test_server_down_retried_then_failed_then_delivered_when_back(env, sshd_factory):
+def test_server_down_retried_then_failed_then_delivered_when_back(env, sshd_factory, http_receiver):
     server = sshd_factory()  # not started yet
     with env["engine"].begin() as conn:
         add_campaign(conn, 17, tenant_code="T017")
-    result = export(env, 17, sftp_for(server, env["drop"]))
+    alerts = webhook_alerts(http_receiver, env)
+    result = export(env, 17, sftp_for(server, env["drop"]), alerts=alerts)
     assert not result.success
     assert delivery_attempts(result) == 4  # 1 + 3 retries
     row = export_row(env, 17)
     assert row.status == "failed" and row.attempts == 4 and "ConnectionRefusedError" in row.error
+    # one alert, after the last retry only, saying what to check and how to re-export
+    (alert,) = received(http_receiver)
+    assert alert["key"] == "export_failed:17:r1" and alert["event"] == "alert"
+    assert "failed after 4 attempts" in alert["title"]
+    assert "attempt 4/4: ConnectionRefusedError" in alert["text"]
+    assert f"SFTP server 127.0.0.1:{server.port} was unreachable" in alert["text"]
+    assert "cfi-pipelines export 17 --force" in alert["text"]
+    assert alert["fields"] == {"campaign_id": 17, "revision": 1, "tenant": "T017"}
     server.start()
-    result = export(env, 17, sftp_for(server, env["drop"]))
+    result = export(env, 17, sftp_for(server, env["drop"]), alerts=alerts)
     assert result.success
     row = export_row(env, 17)
     assert row.status == "delivered" and row.attempts == 5
     assert (env["drop"] / "T017" / "campaign_17_r1.manifest.json").exists()
+    recovered = received(http_receiver)[1:]
+    assert [(a["key"], a["event"]) for a in recovered] == [("export_failed:17:r1", "recovered")]
+    assert "delivered to CFI" in recovered[0]["text"]
+
+
+def test_programming_error_in_delivery_fails_at_once(env, sshd, monkeypatch, http_receiver):
+    def broken_deliver(*args, **kwargs):
+        raise TypeError("deliver() got an unexpected keyword argument 'chunk'")
+
+    monkeypatch.setattr(export_assets, "deliver", broken_deliver)
+    with env["engine"].begin() as conn:
+        add_campaign(conn, 20)
+    result = export(env, 20, sftp_for(sshd, env["drop"]), alerts=webhook_alerts(http_receiver, env))
+    assert not result.success
+    assert delivery_attempts(result) == 1  # no retry burnt on a bug
+    failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
+    message = failure.event_specific_data.error.message
+    assert "unexpected error in the export code, not retried: TypeError" in message
+    assert "This is a bug, not a network problem" in message
+    row = export_row(env, 20)
+    assert row.status == "failed" and row.attempts == 1 and "TypeError" in row.error
+    (alert,) = received(http_receiver)
+    assert alert["key"] == "export_failed:20:r1"
+
+
+def test_transient_ssh_error_is_retried(env, sshd, monkeypatch):
+    calls = []
+    real = export_assets.deliver
+
+    def flaky_deliver(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise paramiko.SSHException("Server connection dropped: ")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export_assets, "deliver", flaky_deliver)
+    with env["engine"].begin() as conn:
+        add_campaign(conn, 21, tenant_code="T021")
+    result = export(env, 21, sftp_for(sshd, env["drop"]))
+    assert result.success and delivery_attempts(result) == 2
+    assert (env["drop"] / "T021" / "campaign_21_r1.manifest.json").exists()
+
+
+def test_built_files_gone_fails_at_once_with_what_to_do(env, sshd, tmp_path):
+    with env["engine"].begin() as conn:
+        add_campaign(conn, 22)
+    instance = dg.DagsterInstance.ephemeral()
+    assert export(env, 22, sftp_for(sshd, env["drop"]), instance).success
+    Path(export_row(env, 22).local_manifest).unlink()  # the outbox was cleaned meanwhile
+    result = dg.materialize(
+        [a for a in build_export_assets(delay=0) if DELIVERY_KEY in a.keys],
+        instance=instance,
+        partition_key="22",
+        resources={
+            "mycfia": DatabaseResource(url=env["url"]),
+            "sftp": sftp_for(sshd, env["drop"]),
+            "alerts": AlertsResource(),
+        },
+        raise_on_error=False,
+    )
+    assert not result.success and delivery_attempts(result) == 1
+    assert "the built files are gone" in export_row(env, 22).error
 
 
 def test_connection_cut_mid_upload_then_success_on_retry(env, sshd, cut_proxy):

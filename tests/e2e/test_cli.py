@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -100,7 +101,7 @@ def test_seed_materialize_refresh_status(tmp_path, cfi_home):
         )
     stale = _run([str(BIN / "cfi-pipelines"), "status"], env, tmp_path)
     assert stale.returncode == 2
-    assert "PROBLEM: view invoices: 20 min old" in stale.stdout
+    assert re.search(r"PROBLEM: view invoices: 2\d min old", stale.stdout), stale.stdout
 
     # the admin "force refresh" goes through Dagster and clears the incident
     refresh = _run([str(BIN / "cfi-pipelines"), "refresh", "invoices", "--full"], env, tmp_path)

@@ -147,6 +147,12 @@ BAD = {
         "is not allowed here",
     ),
     "control char in name": ({"name": "Promo\x07"}, "/campaign/name", "control character"),
+    # Python's "$" also matches before a final newline; the schema's ECMA "$" must not
+    "trailing newline in tenant code": (
+        {"tenant_code": "T001\n"},
+        "/campaign/tenant_code",
+        "control character",
+    ),
     "not JSON": ({"content": "{not json"}, "/campaign/content", "is not valid JSON"),
     "unknown segment": (
         {"content": _content(messages=[{"segment": "vip", "body": "hi"}])},
@@ -234,3 +240,15 @@ def test_schema_is_draft_2020_12():
     schema = load_schema()
     Draft202012Validator.check_schema(schema)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+
+def test_schema_patterns_anchor_at_the_very_end_like_ecma():
+    from jsonschema import Draft202012Validator
+
+    from cfi_pipelines.schemas import with_ecma_anchors
+
+    pattern = {"type": "string", "pattern": "^[A-Z0-9]+$"}
+    assert Draft202012Validator(pattern).is_valid("T001\n")  # Python's re: the trap
+    assert not Draft202012Validator(with_ecma_anchors(pattern)).is_valid("T001\n")
+    assert Draft202012Validator(with_ecma_anchors(pattern)).is_valid("T001")
+    assert with_ecma_anchors({"pattern": "^a\\$"}) == {"pattern": "^a\\$"}  # an escaped $ stays

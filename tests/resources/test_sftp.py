@@ -11,14 +11,20 @@ import pytest
 
 from cfi_pipelines.db import create_engine
 from cfi_pipelines.devtools.seed_mycfia import add_campaign, default_targets
+from cfi_pipelines.devtools.sftp_server import DevSFTPServer
 from cfi_pipelines.exports import build_export, deliver
+from cfi_pipelines.exports.delivery import BUG, PERMANENT, TRANSIENT, classify_error
+from cfi_pipelines.exports.errors import DeliveryError
 from cfi_pipelines.model import mycfia
 from cfi_pipelines.resources.sftp import (
+    LARGE_WRITE_SIZE,
+    SAFE_WRITE_SIZE,
     AuthError,
     HostKeyError,
     SFTPResource,
     load_known_hosts,
     load_private_key,
+    server_write_limit,
 )
 
 pytestmark = pytest.mark.sshd
@@ -172,3 +178,61 @@ def test_connection_cut_mid_upload_leaves_no_final_file(sshd, cut_proxy, tmp_pat
         deliver(sftp, bundle, str(drop))
     names = sorted(p.name for p in (drop / "T007").iterdir())
     assert names == ["campaign_5_r2.csv", "campaign_5_r2.json", "campaign_5_r2.manifest.json"]
+
+
+def test_write_size_is_negotiated_large_with_openssh(sshd, tmp_path, bundle):
+    with resource(sshd, tmp_path).session() as conn:
+        # OpenSSH announces its limit (limits@openssh.com): 256 KiB messages less headers
+        assert server_write_limit(conn.sftp) == 261_120
+        assert conn.write_size == LARGE_WRITE_SIZE
+        drop = tmp_path / "drop"
+        deliver(conn.sftp, bundle, str(drop), conn.write_size)  # 255,000-byte writes land whole
+    csv = drop / "T007" / "campaign_5_r2.csv"
+    assert csv.stat().st_size > LARGE_WRITE_SIZE
+    assert csv.read_bytes() == bundle.local_path("csv").read_bytes()
+    with resource(sshd, tmp_path, write_size=SAFE_WRITE_SIZE).session() as conn:
+        assert conn.write_size == SAFE_WRITE_SIZE  # configured: used as given
+    with resource(sshd, tmp_path, write_size=1_000_000).session() as conn:
+        assert conn.write_size == 261_120  # ... but never above what the server takes
+
+
+def test_write_size_stays_safe_with_other_servers(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFI_HOME", str(tmp_path))
+    server = DevSFTPServer(port=0)  # paramiko's server: no limits extension, not OpenSSH
+    try:
+        with server.resource().session() as conn:
+            assert not conn.transport.remote_version.startswith("SSH-2.0-OpenSSH")
+            assert server_write_limit(conn.sftp) is None
+            assert conn.write_size == SAFE_WRITE_SIZE
+    finally:
+        server.stop()
+
+
+KEY = paramiko.ECDSAKey.generate()
+
+
+@pytest.mark.parametrize(
+    "exc, kind",
+    [
+        (ConnectionRefusedError(111, "Connection refused"), TRANSIENT),
+        (ConnectionResetError(104, "reset"), TRANSIENT),
+        (TimeoutError("timed out"), TRANSIENT),  # socket.timeout is TimeoutError
+        (EOFError(), TRANSIENT),
+        (paramiko.SSHException("Server connection dropped: "), TRANSIENT),
+        (paramiko.SSHException("Error reading SSH protocol banner"), TRANSIENT),
+        (OSError("Failure"), TRANSIENT),  # SFTP "Failure": e.g. server disk full
+        (DeliveryError("uploaded 10 bytes, expected 20"), TRANSIENT),
+        (paramiko.SSHException("Incompatible ssh peer (no acceptable kex algorithm)"), PERMANENT),
+        (paramiko.AuthenticationException("Authentication failed."), PERMANENT),
+        (paramiko.BadHostKeyException("h", KEY, KEY), PERMANENT),
+        (AuthError("refused the key"), PERMANENT),
+        (HostKeyError("has CHANGED"), PERMANENT),
+        (PermissionError(13, "Permission denied"), PERMANENT),
+        (KeyError("csv"), BUG),
+        (TypeError("unexpected keyword"), BUG),
+        (AttributeError("x"), BUG),
+        (ValueError("no valid export"), BUG),
+    ],
+)
+def test_delivery_errors_are_classified(exc, kind):
+    assert classify_error(exc) == kind

@@ -21,13 +21,13 @@ def instance():
         yield inst
 
 
-def make_job(fail: bool) -> dg.JobDefinition:
+def make_job(fail: bool, name: str = "refresh_views") -> dg.JobDefinition:
     @dg.op
     def load_stocks() -> None:
         if fail:
             raise dg.Failure(description="view stocks: the source DB is unreachable")
 
-    return dg.GraphDefinition(name="refresh_views", node_defs=[load_stocks]).to_job()
+    return dg.GraphDefinition(name=name, node_defs=[load_stocks]).to_job()
 
 
 def run_status_context(sensor, instance, result, event, alerts):
@@ -68,6 +68,18 @@ def test_run_failure_alerts_once_with_a_link_then_recovers(instance, http_receiv
     )
     assert [r.json()["event"] for r in http_receiver.requests] == ["alert", "recovered"]
     assert http_receiver.requests[1].json()["link"] == f"http://ui.example:3000/runs/{ok.run_id}"
+
+
+def test_export_run_failures_are_left_to_the_exports_own_alerts(instance, http_receiver):
+    alerts = AlertsResource(webhook_url=http_receiver.url + "/hook")
+    result = make_job(True, name="campaign_export").execute_in_process(
+        instance=instance, raise_on_error=False
+    )
+    ctx = run_status_context(
+        alert_on_run_failure, instance, result, result.get_run_failure_event(), alerts
+    )
+    alert_on_run_failure(ctx.for_run_failure())
+    assert http_receiver.requests == []
 
 
 def test_view_health_stale_and_api_episodes(http_receiver):
