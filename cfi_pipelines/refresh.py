@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -123,6 +124,21 @@ def _index_statements(spec: ViewSpec, table: sa.Table, token: str) -> list[sa.In
     for cols in spec.indexes:
         out.append(sa.Index(f"ix_{base}_{'_'.join(cols)}_{token}", *(table.c[c] for c in cols)))
     return out
+
+
+@contextmanager
+def _begin(engine: Engine) -> Iterator[sa.Connection]:
+    """``engine.begin()`` for the refresh's own writes.
+
+    SQLite: Debian and others build it with SECURE_DELETE on, which zeroes every
+    page a DROP or an overwrite frees: dropping the old 1M-row view wrote ~180 MB
+    to the WAL (~1.9 s). FAST only zeroes what costs no extra I/O. The view holds
+    no secret the source does not, and durability is unchanged.
+    """
+    with engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("PRAGMA secure_delete = FAST")
+        yield conn
 
 
 def _analyze_sql(dialect: str, table: sa.Table, preparer) -> str | None:
@@ -242,9 +258,12 @@ def source_loader(
                     scur.copy(f"COPY ({sql}) TO STDOUT") as out,
                     tcur.copy(f"COPY {prep.format_table(staging)} ({col_list}) FROM STDIN") as into,
                 ):
+                    rows = 0
                     for block in out:
+                        # text format: one unescaped newline per row (embedded ones are \n)
+                        rows += bytes(block).count(b"\n")
                         into.write(block)
-                return _count(tconn, staging)
+                return rows
 
         return load
 
@@ -392,16 +411,20 @@ def swap_in(
     token = secrets.token_hex(3)
     prep = target.dialect.identifier_preparer
 
-    with target.begin() as conn:
+    with _begin(target) as conn:
         for name in (staging.name, old_name):  # leftovers of a killed refresh
             if _table_exists(conn, name):
                 conn.exec_driver_sql(f"DROP TABLE {prep.quote(name)}")
         staging.create(conn)
     try:
         loaded = loader(staging)
-        with target.begin() as conn:
+        with _begin(target) as conn:
             for ix in _index_statements(spec, staging, token):
                 ix.create(conn)
+            if dialect == "sqlite":
+                # Sample ~1000 rows per index instead of reading every index in full
+                # (0.35 s at 1M rows): the planner needs orders of magnitude only.
+                conn.exec_driver_sql("PRAGMA analysis_limit = 1000")
             if sql := _analyze_sql(dialect, staging, prep):
                 conn.exec_driver_sql(sql)
         with target.connect() as conn:
@@ -413,7 +436,7 @@ def swap_in(
         if not force and live_rows and staging_rows < live_rows * (1 - max_drop_share):
             raise RefreshRefused(spec.name, staging_rows, live_rows, max_drop_share)
 
-        with target.begin() as conn:
+        with _begin(target) as conn:
             if dialect == "postgresql":
                 conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT_MS}ms'")
             if live_exists and (grants_sql := copy_grants_sql(dialect, live.name, staging.name)):
@@ -446,11 +469,11 @@ def swap_in(
             _record_success(conn, result, now)
         if live_exists:
             # Dropped after the commit: a big DROP must not lengthen the swap.
-            with target.begin() as conn:
+            with _begin(target) as conn:
                 conn.exec_driver_sql(f"DROP TABLE {prep.quote(old_name)}")
         return result
     except BaseException:
-        with target.begin() as conn:
+        with _begin(target) as conn:
             if _table_exists(conn, staging.name):
                 conn.exec_driver_sql(f"DROP TABLE {prep.quote(staging.name)}")
         raise
@@ -543,7 +566,7 @@ def _incremental(
     schema = _schema_for(target)
     delta = _work_table(spec, "delta", schema)
     prep = target.dialect.identifier_preparer
-    with target.begin() as conn:
+    with _begin(target) as conn:
         if _table_exists(conn, delta.name):
             conn.exec_driver_sql(f"DROP TABLE {prep.quote(delta.name)}")
         delta.create(conn)
@@ -552,7 +575,7 @@ def _incremental(
             spec, source, target, incremental=True, params=spec.params(since=since)
         )
         loaded = loader(delta)
-        with target.begin() as conn:
+        with _begin(target) as conn:
             matched = _count_matching(conn, delta, spec.table, spec.key) if loaded else 0
             if loaded:
                 conn.execute(upsert_statement(target.dialect.name, spec.table, delta, spec.key))
@@ -574,7 +597,7 @@ def _incremental(
             _record_success(conn, result, utcnow())
         return result
     finally:
-        with target.begin() as conn:
+        with _begin(target) as conn:
             conn.exec_driver_sql(f"DROP TABLE IF EXISTS {prep.quote(delta.name)}")
 
 

@@ -92,7 +92,19 @@ def _stocks(incremental: bool) -> sa.Select:
         sl.c.updated_at.label("source_updated_at"),
     ).select_from(sl.join(p, p.c.id == sl.c.product_id).join(w, w.c.id == sl.c.warehouse_id))
     if incremental:
-        q = q.where(sa.or_(sl.c.updated_at > SINCE, p.c.updated_at > SINCE, w.c.updated_at > SINCE))
+        # One indexed lookup per source table, not an OR across the join (which no
+        # planner serves from the updated_at indexes: it scans the whole join).
+        sl2, p2, w2 = sl.alias("sl_changed"), p.alias("p_changed"), w.alias("w_changed")
+        changed = sa.union(
+            sa.select(sl2.c.id).where(sl2.c.updated_at > SINCE),
+            sa.select(sl2.c.id).where(
+                sl2.c.product_id.in_(sa.select(p2.c.id).where(p2.c.updated_at > SINCE))
+            ),
+            sa.select(sl2.c.id).where(
+                sl2.c.warehouse_id.in_(sa.select(w2.c.id).where(w2.c.updated_at > SINCE))
+            ),
+        )
+        q = q.where(sl.c.id.in_(changed))
     return q
 
 
