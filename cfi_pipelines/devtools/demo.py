@@ -1,22 +1,134 @@
 """``cfi-pipelines demo``: the whole product on the embedded defaults, through Dagster.
 
 Seeds the embedded databases if they are missing, starts the embedded SFTP
-server, refreshes the four views, runs their checks, exports every validated
-campaign, and prints a summary. Exit code 0 only if everything that should have
-worked did (a campaign that is invalid on purpose is *expected* to be rejected).
+server and the fake CFI API, refreshes the four views, runs their checks, takes
+a fallback snapshot of each view from the CFI API, exports every validated
+campaign, and prints a summary. Every step is a Dagster run on the local
+instance (``CFI_HOME/dagster``): ``cfi-pipelines dev`` shows them afterwards.
+
+Exit code 0 only if everything that should have worked did:
+
+- the refresh and fallback runs succeeded and every view check passed;
+- every validated campaign was delivered (its manifest is on the SFTP drop),
+  except the ones :mod:`cfi_pipelines.devtools.seed_mycfia` plants as invalid
+  (:data:`~cfi_pipelines.devtools.seed_mycfia.INVALID_KINDS`): each of those
+  must be *rejected*, for the defect that was planted in it. A planted campaign
+  that is delivered, or any other campaign that is rejected or fails, is an error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
+import os
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
+
+STEPS = 6
+QUIET_LOGS: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+"""Run config that keeps Dagster's console quiet: the demo prints its own progress and
+every failure; the full event logs are in the instance (the UI shows them)."""
+
+PLANTED_NAME_PREFIX = "Invalide: "
+PLANTED_ERROR = {
+    # seed_mycfia.INVALID_KINDS -> what the rejection must mention (JSON pointer / field)
+    "missing budget": "'budget'",
+    "tenant code with a path": "/campaign/tenant_code",
+    "formula in a target email": "/email",
+    "control character in the name": "/campaign/name",
+}
 
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
+
+
+def _step(n: int, msg: str) -> None:
+    _say(f"[{n}/{STEPS}] {msg}")
+
+
+class _DropConnectionResets(logging.Filter):
+    """paramiko logs a client hanging up on the dev server as an error; it is not one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Connection reset by peer" not in record.getMessage()
+
+
+def planted_defect(name: str) -> str | None:
+    """The defect seed_mycfia planted in a campaign named ``name``, else None.
+
+    seed_mycfia names its invalid campaigns ``"Invalide: <kind>"``, except the
+    control-character one, whose name carries the control character itself.
+    """
+    from cfi_pipelines.devtools.seed_mycfia import INVALID_KINDS
+
+    if name.startswith(PLANTED_NAME_PREFIX) and name[len(PLANTED_NAME_PREFIX) :] in INVALID_KINDS:
+        return name[len(PLANTED_NAME_PREFIX) :]
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return "control character in the name"
+    return None
+
+
+@dataclass
+class CampaignOutcome:
+    """One validated campaign after its export run."""
+
+    campaign_id: int
+    revision: int
+    name: str
+    status: str  # delivered / rejected / failed / pending / missing
+    manifest_path: str | None
+    error: str
+    expected_defect: str | None
+    ok: bool
+    verdict: str
+
+
+def judge(
+    campaign_id: int,
+    revision: int,
+    name: str,
+    row: Any | None,
+    manifest_on_drop: bool | None,
+) -> CampaignOutcome:
+    """Apply the exit-code rule to one campaign (``row``: its campaign_exports row)."""
+    status = row.status if row is not None else "missing"
+    error = (row.error or "").strip() if row is not None else ""
+    defect = planted_defect(name)
+    if defect is not None:
+        fragment = PLANTED_ERROR.get(defect, "")
+        ok = status == "rejected" and fragment in error
+        verdict = (
+            f"rejected as expected ({defect})"
+            if ok
+            else f"should have been rejected for '{defect}', got {status}"
+            + (f" with: {error.splitlines()[0]}" if status == "rejected" and error else "")
+        )
+    else:
+        ok = status == "delivered" and manifest_on_drop is not False
+        if ok:
+            verdict = "delivered"
+        elif status == "delivered":
+            verdict = "recorded as delivered but its manifest is not on the SFTP drop"
+        else:
+            verdict = f"should have been delivered, got {status}"
+    return CampaignOutcome(
+        campaign_id,
+        revision,
+        name,
+        status,
+        row.manifest_path if row is not None else None,
+        error,
+        defect,
+        ok,
+        verdict,
+    )
 
 
 @contextlib.contextmanager
@@ -29,79 +141,194 @@ def embedded_sftp() -> Iterator[object | None]:
         return
     from cfi_pipelines.devtools.sftp_server import DevSFTPServer, dev_port
 
-    server = DevSFTPServer(port=dev_port())
+    try:
+        server = DevSFTPServer(port=dev_port())
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise SystemExit(
+            f"demo: port {dev_port()} is in use (is `cfi-pipelines dev` running?); the embedded "
+            "SFTP server cannot start. Stop it, or set CFI_SFTP_PORT to a free port."
+        ) from None
     try:
         yield server
     finally:
         server.stop()
 
 
+@contextlib.contextmanager
+def embedded_api() -> Iterator[object | None]:
+    """The fake CFI API when CFI_API_URL is unset; sets CFI_API_URL/CFI_API_TOKEN meanwhile."""
+    from cfi_pipelines.settings import get_settings
+
+    s = get_settings()
+    if s.api_url:
+        yield None
+        return
+    from cfi_pipelines.devtools.fake_cfi_api import FakeCfiApi
+
+    token = s.api_token or "dev-token"
+    saved = {k: os.environ.get(k) for k in ("CFI_API_URL", "CFI_API_TOKEN")}
+    with FakeCfiApi(s.source_url, token=token) as api:
+        os.environ["CFI_API_URL"], os.environ["CFI_API_TOKEN"] = api.url, token
+        try:
+            yield api
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _step_failures(result: Any) -> list[str]:
+    """One line per failed step of an in-process result: step key and first error line."""
+    out = []
+    for ev in result.all_events:
+        if ev.is_step_failure:
+            err = ev.step_failure_data.error
+            first = (err.message.strip().splitlines() or [""])[0] if err else ""
+            out.append(f"{ev.step_key}: {first}")
+    return out
+
+
 def run_demo(scale: int = 1) -> int:
+    """Run the demo; the exit code (0: everything that should have worked did)."""
     from cfi_pipelines import cli
+    from cfi_pipelines.assets.fallback import fallback_key, fallback_run_config
+    from cfi_pipelines.assets.views import RefreshConfig, view_key, view_op_name
     from cfi_pipelines.db import engine_for
-    from cfi_pipelines.definitions import build_defs
     from cfi_pipelines.instance import local_instance
     from cfi_pipelines.model import mycfia
     from cfi_pipelines.settings import get_settings
     from cfi_pipelines.views import VIEWS
 
+    logging.getLogger("paramiko.transport").addFilter(_DropConnectionResets())
+    started = time.perf_counter()
     s = get_settings()
     instance = local_instance()
-    defs = build_defs()
-    ok = True
+    problems: list[str] = []
+    views = [v.name for v in VIEWS]
+    tags = {"cfi/trigger": "demo"}
+
     if not cli.source_is_seeded():
-        _say(f"[1/5] seeding the embedded databases under {s.home} (scale {scale}) …")
+        _step(1, f"seeding the embedded databases under {s.home} (scale {scale}) …")
         cli.cmd_seed(type("A", (), {"scale": scale, "seed": 0})())
     else:
-        _say("[1/5] databases already seeded")
+        _step(1, f"databases already seeded ({s.home})")
 
-    with embedded_sftp() as server:
+    with embedded_sftp() as server, embedded_api() as api:
+        from cfi_pipelines.definitions import build_defs
+
+        defs = build_defs()  # after embedded_api(): the cfi_api resource reads CFI_API_URL
         if server is not None:
-            _say(
-                f"[2/5] embedded SFTP server on 127.0.0.1:{server.port} (root {server.paths.root})"
-            )
+            _step(2, f"embedded SFTP server on 127.0.0.1:{server.port} (root {server.paths.root})")
         else:
-            _say(f"[2/5] using CFI's SFTP server {s.sftp_host}")
+            _step(2, f"using CFI's SFTP server {s.sftp_host}")
+        _say(
+            f"      fake CFI API on {api.url}"
+            if api is not None
+            else f"      using CFI's API {s.api_url}"
+        )
 
-        _say("[3/5] refreshing the four views (Dagster job refresh_views) …")
-        result = cli.run_refresh([v.name for v in VIEWS], tags={"cfi/trigger": "demo"})
-        ok &= result.success
-        for failure in cli._failures(result):
-            _say(f"      FAILED {failure}")
+        _step(3, "refreshing the four views (Dagster job refresh_views) …")
+        t0 = time.perf_counter()
+        refresh = defs.resolve_job_def("refresh_views").execute_in_process(
+            instance=instance,
+            run_config={
+                **QUIET_LOGS,
+                "ops": {
+                    view_op_name(v): {"config": RefreshConfig(mode="auto").model_dump()}
+                    for v in views
+                },
+            },
+            asset_selection=[view_key(v) for v in views],
+            raise_on_error=False,
+            tags=tags,
+        )
+        rows = {k: md.get("rows") for k, md in cli._materializations(refresh).items()}
+        _say(
+            f"      {'ok' if refresh.success else 'FAILED'} in {time.perf_counter() - t0:.1f}s: "
+            + ", ".join(f"{v} {rows.get(v, '-')} rows" for v in views)
+        )
+        problems += [f"refresh {f}" for f in _step_failures(refresh)]
+        if not refresh.success and not _step_failures(refresh):
+            problems.append(f"refresh run {refresh.run_id} failed")
 
-        _say("[4/5] running the view checks (Dagster job check_views) …")
+        _step(4, "running the view checks (Dagster job check_views) …")
         checks = defs.resolve_job_def("check_views").execute_in_process(
-            instance=instance, raise_on_error=False, tags={"cfi/trigger": "demo"}
+            instance=instance, run_config=QUIET_LOGS, raise_on_error=False, tags=tags
         )
         check_state: dict[str, list[str]] = {}
         for ev in checks.all_events:
             if ev.event_type_value == "ASSET_CHECK_EVALUATION":
                 data = ev.event_specific_data
                 state = "PASS" if data.passed else data.severity.value
-                check_state.setdefault(data.asset_key.path[-1], []).append(
-                    f"{data.check_name}={state}"
-                )
-                ok &= data.passed
+                view = data.asset_key.path[-1]
+                check_state.setdefault(view, []).append(f"{data.check_name}={state}")
+                if not data.passed:
+                    problems.append(f"check {view}/{data.check_name}: {state}")
+        problems += [f"checks {f}" for f in _step_failures(checks)]
+        states = [st.split("=")[1] for v in check_state.values() for st in v]
+        _say(f"      {len(states)} checks evaluated, {states.count('PASS')} passed")
+
+        _step(5, "fallback snapshots from the CFI API (Dagster job fallback_snapshots, no swap) …")
+        t0 = time.perf_counter()
+        fallback_config: dict[str, Any] = {"ops": {}}
+        for v in views:
+            fallback_config["ops"].update(fallback_run_config(v, swap=False)["ops"])
+        fallback = defs.resolve_job_def("fallback_snapshots").execute_in_process(
+            instance=instance,
+            run_config={**QUIET_LOGS, **fallback_config},
+            asset_selection=[fallback_key(v) for v in views],
+            raise_on_error=False,
+            tags=tags,
+        )
+        snaps = {k: md.get("rows") for k, md in cli._materializations(fallback).items()}
+        _say(
+            f"      {'ok' if fallback.success else 'FAILED'} in {time.perf_counter() - t0:.1f}s: "
+            + ", ".join(f"{v} {snaps.get(v, '-')} rows" for v in views)
+            + f" -> {s.snapshots_dir}"
+        )
+        problems += [f"fallback {f}" for f in _step_failures(fallback)]
 
         engine = engine_for(s.mycfia_url)
-        c = mycfia.campaigns.c
+        c, e = mycfia.campaigns.c, mycfia.campaign_exports.c
         with engine.connect() as conn:
             validated = conn.execute(
-                sa.select(c.id, c.name).where(c.status == "validated").order_by(c.id)
+                sa.select(c.id, c.revision, c.name).where(c.status == "validated").order_by(c.id)
             ).all()
-        _say(
-            f"[5/5] exporting {len(validated)} validated campaigns (Dagster job campaign_export) …"
-        )
+        _step(6, f"exporting {len(validated)} validated campaigns (Dagster job campaign_export) …")
         job = defs.resolve_job_def("campaign_export")
-        instance.add_dynamic_partitions("campaigns", [str(cid) for cid, _ in validated])
-        for i, (cid, name) in enumerate(validated, 1):
+        instance.add_dynamic_partitions("campaigns", [str(cid) for cid, _, _ in validated])
+        drop_root = s.dev_sftp_dir / "root" if server is not None else None
+        outcomes: list[CampaignOutcome] = []
+        for i, (cid, rev, name) in enumerate(validated, 1):
+            t0 = time.perf_counter()
             job.execute_in_process(
                 instance=instance,
                 partition_key=str(cid),
+                run_config=QUIET_LOGS,
                 raise_on_error=False,
-                tags={"cfi/trigger": "demo"},
+                tags={**tags, "cfi/campaign_id": str(cid), "cfi/revision": str(rev)},
             )
-            _say(f"      {i}/{len(validated)} campaign {cid} ({name[:40]})")
+            with engine.connect() as conn:
+                row = conn.execute(
+                    sa.select(mycfia.campaign_exports).where(
+                        e.campaign_id == cid, e.revision == rev
+                    )
+                ).first()
+            on_drop = None
+            if drop_root is not None and row is not None and row.manifest_path:
+                on_drop = (drop_root / row.manifest_path.lstrip("/")).is_file()
+            out = judge(cid, rev, name, row, on_drop)
+            outcomes.append(out)
+            if not out.ok:
+                problems.append(f"campaign {cid} r{rev}: {out.verdict}")
+            _say(
+                f"      {i}/{len(validated)} campaign {cid} r{rev} ({name[:32]!r}): {out.verdict}"
+                f"  ({time.perf_counter() - t0:.1f}s)"
+            )
 
     st = cli.collect_status()
     _say("\nViews:")
@@ -111,32 +338,34 @@ def run_demo(scale: int = 1) -> int:
             f"{cli._fmt_age(v['age_s']):<22} checks: {' '.join(check_state.get(v['view'], ['-']))}"
         )
     _say("Campaigns:")
-    e = mycfia.campaign_exports.c
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(e.campaign_id, e.revision, e.status, e.manifest_path, e.error).order_by(
-                e.campaign_id, e.revision
-            )
-        ).all()
-    expected_invalid = {cid for cid, name in validated if "invalid" in name.lower()}
-    for r in rows:
-        if r.status == "delivered":
-            _say(f"  campaign {r.campaign_id} r{r.revision}: delivered -> {r.manifest_path}")
+    for o in outcomes:
+        if o.status == "delivered":
+            _say(f"  campaign {o.campaign_id} r{o.revision}: delivered -> {o.manifest_path}")
         else:
-            first = (r.error or "").strip().splitlines()[:3]
+            errors = [ln.strip() for ln in o.error.splitlines() if ln.strip()][:3]
             _say(
-                f"  campaign {r.campaign_id} r{r.revision}: {r.status.upper()}  "
-                + " | ".join(first)
+                f"  campaign {o.campaign_id} r{o.revision}: {o.status.upper()}"
+                + (f"  {' | '.join(errors)}" if errors else "")
             )
-            if r.status != "rejected" or r.campaign_id not in expected_invalid:
-                ok &= r.status == "rejected"  # a rejection is the expected outcome for bad input
+    delivered = sum(o.status == "delivered" for o in outcomes)
+    rejected = sum(o.status == "rejected" for o in outcomes)
+    _say(
+        f"  {delivered} delivered, {rejected} rejected "
+        f"({sum(o.expected_defect is not None for o in outcomes)} planted invalid on purpose)"
+    )
     _say("Files:")
     _say(f"  databases, snapshots, outbox: {s.home}")
-    if not s.sftp_host:
-        _say(f"  SFTP drop (embedded server root): {s.dev_sftp_dir / 'root'}")
+    if drop_root is not None:
+        _say(f"  SFTP drop (embedded server root): {drop_root}")
     _say(f"  Dagster instance: {instance.root_directory}  (see the runs: cfi-pipelines dev)")
-    _say("demo: OK" if ok else "demo: something that should have worked did not (see above)")
-    return 0 if ok else 1
+    for p in problems:
+        _say(f"PROBLEM: {p}")
+    elapsed = time.perf_counter() - started
+    if problems:
+        _say(f"demo: {len(problems)} thing(s) that should have worked did not ({elapsed:.0f}s)")
+        return 1
+    _say(f"demo: OK ({elapsed:.0f}s)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ It reads MyCfia's ``campaigns`` changed since its cursor (index on
 Rows committed late with an older ``updated_at`` are caught by re-reading a short
 overlap window; the cursor remembers which (campaign, revision) it already
 requested inside that window, so nothing is requested twice. Revisions already
-delivered (``campaign_exports``) are skipped, so a fresh Dagster instance does
+delivered or rejected (``campaign_exports``) are skipped, so a fresh Dagster instance does
 not re-export history.
 """
 
@@ -59,8 +59,12 @@ def scan(
     """New validated (campaign id, revision) pairs since ``cursor``, and the next cursor."""
     c = model.campaigns.c
     e = model.campaign_exports.c
+    # delivered or rejected: that revision is settled (a fix to a rejected campaign
+    # is an edit, hence a new revision); a manual re-export is `cfi-pipelines export`
     delivered = sa.exists().where(
-        (e.campaign_id == c.id) & (e.revision == c.revision) & (e.status == "delivered")
+        (e.campaign_id == c.id)
+        & (e.revision == c.revision)
+        & (e.status.in_(("delivered", "rejected")))
     )
     query = sa.select(c.id, c.revision, c.updated_at).where(c.status == "validated", ~delivered)
     if cursor.since is not None:

@@ -81,21 +81,25 @@ def test_late_commit_inside_the_overlap_is_caught_once(db, sensor):
     assert keys(tick(sensor, url, second.cursor)) == []
 
 
-def test_delivered_revisions_are_not_requested_again(db, sensor):
+@pytest.mark.parametrize("settled", ["delivered", "rejected"])
+def test_settled_revisions_are_not_requested_again(db, sensor, settled):
     url, engine = db
     with engine.begin() as conn:
         add_campaign(conn, 1, updated_at=T0)
-        conn.execute(
-            sa.insert(mycfia.campaign_exports).values(
-                campaign_id=1,
-                revision=1,
-                status="delivered",
-                attempts=1,
-                requested_at=T0,
-                updated_at=T0,
+        add_campaign(conn, 2, updated_at=T0)
+        for cid, status in ((1, settled), (2, "failed")):
+            conn.execute(
+                sa.insert(mycfia.campaign_exports).values(
+                    campaign_id=cid,
+                    revision=1,
+                    status=status,
+                    attempts=1,
+                    requested_at=T0,
+                    updated_at=T0,
+                )
             )
-        )
-    assert keys(tick(sensor, url)) == []
+    # a failed delivery is not settled: a fresh sensor requests it again
+    assert keys(tick(sensor, url)) == ["2:r1"]
 
 
 def test_ten_thousand_campaigns_stay_under_two_seconds(db, sensor):

@@ -1,0 +1,240 @@
+"""``cfi-pipelines dev [--port P]``: the embedded servers, then ``dagster dev`` with automation on.
+
+Seeds the embedded databases if they are missing, starts the embedded SFTP
+server (when ``CFI_SFTP_HOST`` is unset) and the fake CFI API (when
+``CFI_API_URL`` is unset, so the fallback path works), then runs
+``dagster dev -m cfi_pipelines.definitions -h 127.0.0.1 -p P`` with
+``DAGSTER_HOME`` = ``CFI_HOME/dagster``: the UI, and the daemon running the
+schedules and sensors (on by default unless ``CFI_AUTOMATION=off``).
+
+``dagster dev`` runs in its own session (process group): started from a script
+it would otherwise ignore SIGINT/SIGTERM. Ctrl-C (or SIGTERM/SIGHUP) is
+forwarded to the whole group, which is killed if it does not stop in time;
+then the embedded servers stop. Nothing started here outlives the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from types import FrameType
+
+DEFAULT_UI_PORT = 3000
+READY_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 20.0
+
+
+class _Stop(Exception):
+    """Raised by the signal handlers: leave the main loop and clean up."""
+
+
+def _say(msg: str) -> None:
+    print(f"cfi-pipelines dev: {msg}", flush=True)
+
+
+def dagster_dev_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    """The ``dagster dev`` command line, run with this interpreter (same virtualenv)."""
+    return [
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-m",
+        "cfi_pipelines.definitions",
+        "-h",
+        host,
+        "-p",
+        str(port),
+    ]
+
+
+def webserver_ready(url: str, timeout: float = 2.0) -> bool:
+    """True when the Dagster webserver at ``url`` answers a GraphQL query."""
+    req = urllib.request.Request(
+        f"{url}/graphql",
+        data=b'{"query": "{ version }"}',
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status == 200 and b'"version"' in resp.read()
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int | None:
+    """SIGTERM the process group led by ``proc``; SIGKILL what is left of it after ``timeout``.
+
+    Waits for the leader *and* the rest of the group (run workers still shutting
+    down), so nothing it started outlives the call. Returns the leader's exit code.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling the group's exit, bounded by the deadline
+    if _group_alive(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5.0)
+    return proc.poll()
+
+
+@contextlib.contextmanager
+def embedded_servers(env: dict[str, str], api_port: int) -> Iterator[list[str]]:
+    """Start the dev SFTP server and the fake CFI API as needed; set ``env`` for the child.
+
+    Yields one line per server started (for the banner); stops them on exit.
+    """
+    from cfi_pipelines.settings import get_settings
+
+    s = get_settings()
+    lines: list[str] = []
+    with contextlib.ExitStack() as stack:
+        if not s.sftp_host:
+            from cfi_pipelines.devtools.sftp_server import DevSFTPServer, dev_port
+
+            port = dev_port()
+            try:
+                sftp = DevSFTPServer(port=port)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                raise SystemExit(
+                    f"cfi-pipelines dev: port {port} is in use, the embedded SFTP server cannot "
+                    "start; set CFI_SFTP_PORT to a free port (or stop what listens there)."
+                ) from None
+            stack.callback(sftp.stop)
+            env["CFI_SFTP_PORT"] = str(sftp.port)
+            lines.append(f"embedded SFTP server  127.0.0.1:{sftp.port}  (root {sftp.paths.root})")
+        else:
+            lines.append(f"SFTP                  {s.sftp_host}:{s.sftp_port} (CFI_SFTP_HOST)")
+
+        if not s.api_url:
+            from cfi_pipelines.devtools.fake_cfi_api import DEFAULT_PORT, FakeCfiApi
+
+            token = s.api_token or "dev-token"
+            try:
+                api = FakeCfiApi(s.source_url, token=token, port=api_port)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or api_port != DEFAULT_PORT:
+                    raise
+                api = FakeCfiApi(s.source_url, token=token, port=0)  # the default is taken
+            stack.enter_context(api)
+            env["CFI_API_URL"], env["CFI_API_TOKEN"] = api.url, token
+            lines.append(f"fake CFI API          {api.url}  (CFI_API_URL for the fallback)")
+        else:
+            lines.append(f"CFI API               {s.api_url} (CFI_API_URL)")
+        yield lines
+
+
+def run_dagster_dev(cmd: Sequence[str], env: dict[str, str], url: str) -> int:
+    """Run ``cmd`` in its own process group until it exits or a signal arrives; stop the group."""
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    previous = {
+        sig: signal.signal(sig, _on_signal)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
+    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+    code: int | None = None
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        announced = False
+        while (code := proc.poll()) is None:
+            if not announced and webserver_ready(url):
+                _say(f"Dagster UI ready at {url}  (Ctrl-C stops everything)")
+                announced = True
+            elif not announced and time.monotonic() > deadline:
+                _say(f"the UI is not answering at {url} yet; still waiting for dagster dev …")
+                announced = True
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.5 if not announced else 5.0)
+        _say(f"dagster dev exited with code {code}")
+        return code
+    except _Stop as stop:
+        _say(f"{stop}: stopping dagster dev …")
+        return 0
+    finally:
+        for sig in previous:  # a second Ctrl-C must not interrupt the clean-up
+            signal.signal(sig, signal.SIG_IGN)
+        stop_process_group(proc)  # also when the leader is gone: whatever it left in its group
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``cfi-pipelines dev [--port P] [--api-port P]``: embedded servers + ``dagster dev``."""
+    from cfi_pipelines import cli
+    from cfi_pipelines.devtools.fake_cfi_api import DEFAULT_PORT
+    from cfi_pipelines.instance import ensure_dagster_home
+    from cfi_pipelines.settings import get_settings
+
+    p = argparse.ArgumentParser(
+        prog="cfi-pipelines dev",
+        description="Embedded servers, then `dagster dev` on 127.0.0.1 with schedules and "
+        "sensors running. Ctrl-C stops everything it started.",
+    )
+    p.add_argument(
+        "--port", type=int, default=DEFAULT_UI_PORT, help="Dagster UI port (default %(default)s)"
+    )
+    p.add_argument(
+        "--api-port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="fake CFI API port when CFI_API_URL is unset (0: any free port; default "
+        "%(default)s, or a free port if it is taken)",
+    )
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv[:1] == ["--"]:  # `cfi-pipelines dev -- --port P` (argparse REMAINDER keeps the --)
+        argv = argv[1:]
+    args = p.parse_args(argv)
+
+    s = get_settings()
+    s.home.mkdir(parents=True, exist_ok=True)
+    if not cli.source_is_seeded():
+        _say(f"seeding the embedded databases under {s.home} …")
+        cli.cmd_seed(argparse.Namespace(scale=1, seed=0))
+    dagster_home = ensure_dagster_home()
+    env = dict(os.environ, DAGSTER_HOME=str(dagster_home))
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        with embedded_servers(env, args.api_port) as lines:
+            for line in lines:
+                _say(line)
+            _say(f"DAGSTER_HOME          {dagster_home}")
+            automation = "on" if s.automation else "off (CFI_AUTOMATION)"
+            _say(f"starting dagster dev on {url} (schedules and sensors {automation}) …")
+            code = run_dagster_dev(dagster_dev_command(args.port), env, url)
+    except (_Stop, KeyboardInterrupt):  # a signal before dagster dev started
+        code = 0
+    _say("stopped (dagster dev and the embedded servers)")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
