@@ -6,11 +6,15 @@ on a refresh; SQL Server gets ``fast_executemany``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
+
+WRITE_OPTION = "cfi_write"
 
 
 def _sqlite_on_connect(dbapi_conn, _record) -> None:
@@ -25,7 +29,11 @@ def _sqlite_on_connect(dbapi_conn, _record) -> None:
 
 
 def _sqlite_on_begin(conn) -> None:
-    conn.exec_driver_sql("BEGIN")
+    # A deferred transaction that reads and then writes fails at once with
+    # "database is locked" (no busy wait) if another process committed in between;
+    # write transactions therefore take the write lock up front.
+    immediate = conn.get_execution_options().get(WRITE_OPTION)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def create_engine(url: str) -> Engine:
@@ -35,7 +43,9 @@ def create_engine(url: str) -> Engine:
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(parsed, connect_args={"timeout": 30})
+        # uri=True lets the refresh ATTACH CFI's source read-only ("file:…?mode=ro");
+        # plain paths keep working.
+        engine = sa.create_engine(parsed, connect_args={"timeout": 30, "uri": True})
         sa.event.listen(engine, "connect", _sqlite_on_connect)
         sa.event.listen(engine, "begin", _sqlite_on_begin)
         return engine
@@ -58,3 +68,17 @@ def redact(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # an unparsable URL is reported by whoever uses it
         return "<unparsable URL>"
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[sa.Connection]:
+    """``engine.begin()`` for a transaction that writes.
+
+    On SQLite it starts with ``BEGIN IMMEDIATE`` so that concurrent writers (four
+    refresh steps in parallel processes, export runs) queue on the busy timeout
+    instead of failing; on other databases it is a plain transaction.
+    """
+    with engine.connect() as conn:
+        conn.execution_options(**{WRITE_OPTION: True})
+        with conn.begin():
+            yield conn

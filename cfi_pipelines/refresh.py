@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Literal
 
 import sqlalchemy as sa
@@ -29,6 +30,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Engine, make_url
 
 from cfi_pipelines.bulk import BATCH_ROWS, copy_into_postgres, insert_rows
+from cfi_pipelines.db import WRITE_OPTION, write_transaction
 from cfi_pipelines.model import cfi_common as common
 from cfi_pipelines.model import cfi_source as src
 from cfi_pipelines.views import VIEWS, ViewSpec
@@ -88,8 +90,8 @@ def utcnow() -> datetime:
 
 def init_common(engine: Engine) -> None:
     """Create the common DB's tables (idempotent) and one status row per view."""
-    common.metadata.create_all(engine)
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
+        common.metadata.create_all(conn)
         have = set(conn.scalars(sa.select(common.cfi_view_status.c.view)))
         missing = [{"view": v.name, "consecutive_failures": 0} for v in VIEWS if v.name not in have]
         if missing:
@@ -135,7 +137,7 @@ def _begin(engine: Engine) -> Iterator[sa.Connection]:
     to the WAL (~1.9 s). FAST only zeroes what costs no extra I/O. The view holds
     no secret the source does not, and durability is unchanged.
     """
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         if conn.dialect.name == "sqlite":
             conn.exec_driver_sql("PRAGMA secure_delete = FAST")
         yield conn
@@ -226,9 +228,13 @@ def source_loader(
         def load(staging: sa.Table) -> int:
             with target.connect() as conn:
                 raw = conn.connection.dbapi_connection
-                raw.execute("ATTACH DATABASE ? AS cfi_src", (src_path,))
+                # read-only: the refresh cannot write into CFI's DB, nor lock it for writing
+                src_uri = f"{Path(src_path).resolve().as_uri()}?mode=ro"
+                raw.execute("ATTACH DATABASE ? AS cfi_src", (src_uri,))
                 try:
-                    conn = conn.execution_options(schema_translate_map={None: "cfi_src"})
+                    conn = conn.execution_options(
+                        schema_translate_map={None: "cfi_src"}, **{WRITE_OPTION: True}
+                    )
                     with conn.begin():
                         res = conn.execute(sa.insert(staging).from_select(cols, query), params)
                     return res.rowcount
@@ -249,7 +255,7 @@ def source_loader(
         def load(staging: sa.Table) -> int:
             prep = target.dialect.identifier_preparer
             col_list = ", ".join(prep.quote(c) for c in cols)
-            with source.connect() as sconn, target.begin() as tconn:
+            with source.connect() as sconn, write_transaction(target) as tconn:
                 s_raw = sconn.connection.driver_connection
                 t_raw = tconn.connection.driver_connection
                 with (
@@ -270,7 +276,7 @@ def source_loader(
     # Portable path: stream rows from the source, bulk-write them (COPY on PostgreSQL,
     # fast_executemany on SQL Server, batched executemany elsewhere).
     def load(staging: sa.Table) -> int:
-        with source.connect() as sconn, target.begin() as tconn:
+        with source.connect() as sconn, write_transaction(target) as tconn:
             result = sconn.execution_options(stream_results=True, yield_per=BATCH_ROWS).execute(
                 query, params
             )
@@ -309,7 +315,7 @@ def record_failure(
     message = str(error)[:4000]
     now = utcnow()
     try:
-        with engine.begin() as conn:
+        with write_transaction(engine) as conn:
             t = common.cfi_view_status
             _write_status(
                 conn,

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 
 from cfi_pipelines.bulk import BATCH_ROWS, insert_rows
 from cfi_pipelines.cfi_api import CfiApiClient, get_api_view
+from cfi_pipelines.db import write_transaction
 from cfi_pipelines.refresh import Loader
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def parquet_loader(path: Path, view: str, target: Engine) -> Loader:
             for batch in pf.iter_batches(batch_size=BATCH_ROWS):
                 yield from zip(*(col.to_pylist() for col in batch.columns), strict=True)
 
-        with target.begin() as conn:
+        with write_transaction(target) as conn:
             return insert_rows(conn, staging, rows(), columns)
 
     return load

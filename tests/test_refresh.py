@@ -313,3 +313,39 @@ def test_tenant_closure_and_cascading_access(sqlite_dbs: Databases):
 def test_tenant_cycle_is_a_clear_error():
     with pytest.raises(Exception, match="cycle"):
         tenant_closure({1: 2, 2: 1})
+
+
+def test_four_views_refreshed_at_once_on_a_fresh_sqlite_db(sqlite_dbs, tmp_path):
+    """What `dagster asset materialize` does with its multiprocess executor: four
+    writers racing on one SQLite file, from schema creation on. Write transactions
+    start with BEGIN IMMEDIATE, so they queue instead of failing "database is locked"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for attempt in range(3):
+        url = f"sqlite:///{tmp_path}/race{attempt}.db"
+
+        def refresh(name: str, url: str = url):
+            engine = create_engine(url)  # one engine (and connection) per worker
+            try:
+                return refresh_view(get_view(name), create_engine(sqlite_dbs.source_url), engine)
+            finally:
+                engine.dispose()
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(refresh, [v.name for v in VIEWS]))
+        assert [r.rows for r in results] == [9984, 20, 1000, 10]
+
+
+def test_sqlite_refresh_reads_the_source_read_only(sqlite_dbs):
+    import sqlite3
+
+    path = sa.engine.make_url(sqlite_dbs.source_url).database
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # CFI is writing: holds the write lock
+    writer.execute("UPDATE stock_levels SET quantity = quantity + 1 WHERE id = 1")
+    try:
+        # the ATTACH path neither waits for nor takes the source's write lock
+        assert refresh_view(STOCKS, sqlite_dbs.source, sqlite_dbs.common, mode="full").rows == 9984
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()

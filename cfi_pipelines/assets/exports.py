@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from cfi_pipelines import alerts as alerting
+from cfi_pipelines.db import write_transaction
 from cfi_pipelines.exports import CampaignNotExportable, ExportBundle, build_export, deliver
 from cfi_pipelines.exports.delivery import BUG, PERMANENT, classify_error
 from cfi_pipelines.exports.document import load_bundle
@@ -113,7 +114,7 @@ def campaign_files(
     """Build and validate one campaign's export; record pending or rejected."""
     campaign_id = _campaign_id(context)
     engine = mycfia.engine()
-    with engine.begin() as conn:  # one transaction: campaign and targets agree
+    with write_transaction(engine) as conn:  # one transaction: campaign and targets agree
         try:
             bundle = build_export(conn, campaign_id, get_settings().outbox_dir)
         except CampaignNotExportable as exc:
@@ -224,7 +225,7 @@ def build_delivery_asset(delay: float | None = None) -> dg.AssetsDefinition:
         campaign_id = _campaign_id(context)
         attempt = context.retry_number + 1
         engine = mycfia.engine()
-        with engine.begin() as conn:
+        with write_transaction(engine) as conn:
             row = _latest_export(conn, campaign_id)
         if row is None or row.status == "rejected" or not row.local_manifest:
             why = "was rejected:\n" + (row.error or "") if row is not None else "has not been built"
@@ -314,7 +315,7 @@ def build_delivery_asset(delay: float | None = None) -> dg.AssetsDefinition:
         latency = (
             (delivered_at - bundle.validated_at).total_seconds() if bundle.validated_at else None
         )
-        with engine.begin() as conn:
+        with write_transaction(engine) as conn:
             record_export(
                 conn,
                 campaign_id,
@@ -354,7 +355,7 @@ def build_delivery_asset(delay: float | None = None) -> dg.AssetsDefinition:
 def _failed(
     engine: sa.Engine, campaign_id: int, revision: int, attempt: int, error: str, final: bool = True
 ) -> None:
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         record_export(
             conn,
             campaign_id,
