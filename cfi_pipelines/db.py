@@ -6,6 +6,8 @@ on a refresh; SQL Server gets ``fast_executemany``.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -22,10 +24,27 @@ def _sqlite_on_connect(dbapi_conn, _record) -> None:
     # which breaks "BEGIN IMMEDIATE" and DDL inside a transaction).
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
+    _ensure_wal(cur)
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+
+
+def _ensure_wal(cur, attempts: int = 50) -> None:
+    """Switch the file to WAL once (it is persistent). Several processes opening a
+    new file at once race for the switch, which needs the file to themselves and
+    fails with "database is locked" rather than waiting: whoever loses re-reads the
+    mode and finds WAL set by the winner."""
+    for attempt in range(attempts):
+        if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+            return
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return  # switched, or a database that cannot be WAL (":memory:")
+        except sqlite3.OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.01 * (attempt + 1))  # back off: the other opener is mid-switch
 
 
 def _sqlite_on_begin(conn) -> None:
