@@ -247,15 +247,8 @@ def _decode(value: Any, ptr: str, errors: _Collector) -> Any:
 
 
 _CAMPAIGN_TEXT = ["tenant_code", "operation_code", "name", "channel", "status", "content"]
-_TARGET_TEXT = [
-    "client_reference",
-    "email",
-    "phone",
-    "segment",
-    "first_name",
-    "last_name",
-    "personalisation",
-]
+# the target's own text columns: the CSV's, less those the export adds
+_TARGET_TEXT = [c for c in CSV_COLUMNS if c not in ("campaign_id", "revision", "position")]
 
 
 def _load_campaign(conn: sa.Connection, campaign_id: int, errors: _Collector) -> dict[str, Any]:
