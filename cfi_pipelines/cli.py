@@ -63,30 +63,34 @@ def source_is_seeded() -> bool:
 
 
 def run_refresh(
-    views: Sequence[str], *, mode: str = "auto", force: bool = False, tags: dict | None = None
+    views: Sequence[str],
+    *,
+    mode: str = "auto",
+    force: bool = False,
+    tags: dict | None = None,
+    run_config: dict | None = None,
 ):
-    """Refresh ``views`` through Dagster's ``refresh_views`` job on the local instance."""
+    """Refresh ``views`` through Dagster's ``refresh_views`` job on the local instance
+    (``run_config``: extra run config, e.g. loggers)."""
     from cfi_pipelines.assets.views import RefreshConfig, view_key, view_op_name
     from cfi_pipelines.definitions import build_defs
     from cfi_pipelines.instance import local_instance
 
     job = build_defs().resolve_job_def("refresh_views")
-    run_config = {
-        "ops": {
-            view_op_name(v): {"config": RefreshConfig(mode=mode, force=force).model_dump()}
-            for v in views
-        }
+    ops = {
+        view_op_name(v): {"config": RefreshConfig(mode=mode, force=force).model_dump()}
+        for v in views
     }
     return job.execute_in_process(
         instance=local_instance(),
-        run_config=run_config,
+        run_config={**(run_config or {}), "ops": ops},
         asset_selection=[view_key(v) for v in views],
         raise_on_error=False,
         tags={"cfi/trigger": "cli", **(tags or {})},
     )
 
 
-def _materializations(result) -> dict[str, dict[str, Any]]:
+def materializations(result) -> dict[str, dict[str, Any]]:
     out = {}
     for event in result.get_asset_materialization_events():
         mat = event.materialization
@@ -94,12 +98,15 @@ def _materializations(result) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _failures(result) -> list[str]:
-    return [
-        f"{e.step_key}: {e.step_failure_data.error.message.strip() if e.step_failure_data.error else ''}"
-        for e in result.all_events
-        if e.is_step_failure
-    ]
+def step_failures(result) -> list[str]:
+    """One line per failed step of an in-process result: step key and first error line."""
+    out = []
+    for ev in result.all_events:
+        if ev.is_step_failure:
+            err = ev.step_failure_data.error
+            first = (err.message.strip().splitlines() or [""])[0] if err else ""
+            out.append(f"{ev.step_key}: {first}")
+    return out
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
@@ -112,12 +119,12 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     mode = "full" if args.full else "auto"
     result = run_refresh(views, mode=mode, force=args.force)
-    for view, md in _materializations(result).items():
+    for view, md in materializations(result).items():
         print(
             f"{view:<11} {md['mode']:<12} {md['rows']:>9} rows  +{md['inserted']} ~{md['updated']} "
             f"-{md['deleted']}  {md['duration_s']:.2f}s"
         )
-    for failure in _failures(result):
+    for failure in step_failures(result):
         print(f"FAILED {failure}", file=sys.stderr)
     print(f"run {result.run_id}: {'success' if result.success else 'failure'}")
     return EXIT_OK if result.success else EXIT_FAILED
@@ -207,7 +214,7 @@ def collect_status() -> dict[str, Any]:
     return out
 
 
-def _fmt_age(age_s: float | None) -> str:
+def fmt_age(age_s: float | None) -> str:
     if age_s is None:
         return "never"
     return f"updated {age_s / 60:.0f} min ago" if age_s >= 60 else f"updated {age_s:.0f} s ago"
@@ -224,7 +231,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         err = f"  last error: {v['error'][:80]}" if v["error"] else ""
         print(
             f"{v['view']:<11} {v['rows'] if v['rows'] is not None else '-':>9} {v['source'] or '-':<8} "
-            f"{v['freshness']:<9} {_fmt_age(v['age_s'])}{err}"
+            f"{v['freshness']:<9} {fmt_age(v['age_s'])}{err}"
         )
     if st.get("exports_error"):
         print(f"exports: {st['exports_error']}")

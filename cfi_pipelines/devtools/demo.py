@@ -18,6 +18,7 @@ Exit code 0 only if everything that should have worked did:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import logging
@@ -181,22 +182,10 @@ def embedded_api() -> Iterator[object | None]:
                     os.environ[k] = v
 
 
-def _step_failures(result: Any) -> list[str]:
-    """One line per failed step of an in-process result: step key and first error line."""
-    out = []
-    for ev in result.all_events:
-        if ev.is_step_failure:
-            err = ev.step_failure_data.error
-            first = (err.message.strip().splitlines() or [""])[0] if err else ""
-            out.append(f"{ev.step_key}: {first}")
-    return out
-
-
 def run_demo(scale: int = 1) -> int:
     """Run the demo; the exit code (0: everything that should have worked did)."""
     from cfi_pipelines import cli
     from cfi_pipelines.assets.fallback import fallback_key, fallback_run_config
-    from cfi_pipelines.assets.views import RefreshConfig, view_key, view_op_name
     from cfi_pipelines.db import engine_for
     from cfi_pipelines.instance import local_instance
     from cfi_pipelines.model import mycfia
@@ -213,7 +202,7 @@ def run_demo(scale: int = 1) -> int:
 
     if not cli.source_is_seeded():
         _step(1, f"seeding the embedded databases under {s.home} (scale {scale}) …")
-        cli.cmd_seed(type("A", (), {"scale": scale, "seed": 0})())
+        cli.cmd_seed(argparse.Namespace(scale=scale, seed=0))
     else:
         _step(1, f"databases already seeded ({s.home})")
 
@@ -233,26 +222,14 @@ def run_demo(scale: int = 1) -> int:
 
         _step(3, "refreshing the four views (Dagster job refresh_views) …")
         t0 = time.perf_counter()
-        refresh = defs.resolve_job_def("refresh_views").execute_in_process(
-            instance=instance,
-            run_config={
-                **QUIET_LOGS,
-                "ops": {
-                    view_op_name(v): {"config": RefreshConfig(mode="auto").model_dump()}
-                    for v in views
-                },
-            },
-            asset_selection=[view_key(v) for v in views],
-            raise_on_error=False,
-            tags=tags,
-        )
-        rows = {k: md.get("rows") for k, md in cli._materializations(refresh).items()}
+        refresh = cli.run_refresh(views, tags=tags, run_config=QUIET_LOGS)
+        rows = {k: md.get("rows") for k, md in cli.materializations(refresh).items()}
         _say(
             f"      {'ok' if refresh.success else 'FAILED'} in {time.perf_counter() - t0:.1f}s: "
             + ", ".join(f"{v} {rows.get(v, '-')} rows" for v in views)
         )
-        problems += [f"refresh {f}" for f in _step_failures(refresh)]
-        if not refresh.success and not _step_failures(refresh):
+        problems += [f"refresh {f}" for f in cli.step_failures(refresh)]
+        if not refresh.success and not cli.step_failures(refresh):
             problems.append(f"refresh run {refresh.run_id} failed")
 
         _step(4, "running the view checks (Dagster job check_views) …")
@@ -268,7 +245,7 @@ def run_demo(scale: int = 1) -> int:
                 check_state.setdefault(view, []).append(f"{data.check_name}={state}")
                 if not data.passed:
                     problems.append(f"check {view}/{data.check_name}: {state}")
-        problems += [f"checks {f}" for f in _step_failures(checks)]
+        problems += [f"checks {f}" for f in cli.step_failures(checks)]
         states = [st.split("=")[1] for v in check_state.values() for st in v]
         _say(f"      {len(states)} checks evaluated, {states.count('PASS')} passed")
 
@@ -284,13 +261,13 @@ def run_demo(scale: int = 1) -> int:
             raise_on_error=False,
             tags=tags,
         )
-        snaps = {k: md.get("rows") for k, md in cli._materializations(fallback).items()}
+        snaps = {k: md.get("rows") for k, md in cli.materializations(fallback).items()}
         _say(
             f"      {'ok' if fallback.success else 'FAILED'} in {time.perf_counter() - t0:.1f}s: "
             + ", ".join(f"{v} {snaps.get(v, '-')} rows" for v in views)
             + f" -> {s.snapshots_dir}"
         )
-        problems += [f"fallback {f}" for f in _step_failures(fallback)]
+        problems += [f"fallback {f}" for f in cli.step_failures(fallback)]
 
         engine = engine_for(s.mycfia_url)
         c, e = mycfia.campaigns.c, mycfia.campaign_exports.c
@@ -335,7 +312,7 @@ def run_demo(scale: int = 1) -> int:
     for v in st["views"]:
         _say(
             f"  {v['view']:<11} {v['rows'] if v['rows'] is not None else '-':>8} rows  "
-            f"{cli._fmt_age(v['age_s']):<22} checks: {' '.join(check_state.get(v['view'], ['-']))}"
+            f"{cli.fmt_age(v['age_s']):<22} checks: {' '.join(check_state.get(v['view'], ['-']))}"
         )
     _say("Campaigns:")
     for o in outcomes:
