@@ -61,7 +61,7 @@ def peak_rss_mb() -> float:
 
 def stocks_sql(dialect) -> str:
     """The stocks view's full query, as plain SQL for ``dialect``."""
-    from cfi_pipelines.views import get_view
+    from cfi_pipelines.views.spec import get_view
 
     spec = get_view("stocks")
     query = spec.query().params(**spec.params())
@@ -69,7 +69,7 @@ def stocks_sql(dialect) -> str:
 
 
 def child_baseline(source: str, target: str) -> tuple[float, int]:
-    import cfi_pipelines.refresh  # noqa: F401  (what every measurement imports)
+    import cfi_pipelines.views.refresh  # noqa: F401  (what every measurement imports)
     from cfi_pipelines.db import create_engine
 
     with create_engine(source).connect() as conn:
@@ -79,8 +79,8 @@ def child_baseline(source: str, target: str) -> tuple[float, int]:
 
 def child_ours(source: str, target: str, mode: str) -> tuple[float, int]:
     from cfi_pipelines.db import create_engine
-    from cfi_pipelines.refresh import refresh_view
-    from cfi_pipelines.views import get_view
+    from cfi_pipelines.views.refresh import refresh_view
+    from cfi_pipelines.views.spec import get_view
 
     src, tgt = create_engine(source), create_engine(target)
     started = time.perf_counter()
@@ -108,7 +108,7 @@ def _bare_table_ddl(dialect, name: str) -> str:
     import sqlalchemy as sa
     from sqlalchemy.schema import CreateTable
 
-    from cfi_pipelines.views import get_view
+    from cfi_pipelines.views.spec import get_view
 
     cols = get_view("stocks").table.columns
     table = sa.Table(name, sa.MetaData(), *(sa.Column(c.name, c.type) for c in cols))
@@ -117,7 +117,7 @@ def _bare_table_ddl(dialect, name: str) -> str:
 
 def index_ddl() -> list[str]:
     """The stocks view's indexes, on the bare table ``bench_native``."""
-    from cfi_pipelines.views import get_view
+    from cfi_pipelines.views.spec import get_view
 
     spec = get_view("stocks")
     out = [f"CREATE UNIQUE INDEX bench_key ON bench_native ({', '.join(spec.key)})"]
@@ -267,9 +267,9 @@ def postgres_databases(stack: ExitStack, scale: int) -> Databases:
 
 def change_stock_rows(source: str) -> int:
     """Touch 1 % of the stock rows (quantity and updated_at), as a busy day would."""
+    from cfi_pipelines.clock import utcnow
     from cfi_pipelines.db import create_engine
     from cfi_pipelines.model import cfi_source as src
-    from cfi_pipelines.refresh import utcnow
 
     sl = src.stock_levels
     engine = create_engine(source)

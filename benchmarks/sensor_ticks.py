@@ -31,14 +31,14 @@ import sqlalchemy as sa  # noqa: E402
 from cfi_pipelines.db import create_engine  # noqa: E402
 from cfi_pipelines.devtools.seed import seed_source  # noqa: E402
 from cfi_pipelines.devtools.seed_mycfia import add_campaign, valid_content  # noqa: E402
-from cfi_pipelines.fallback_defs import build_fallback_defs  # noqa: E402
 from cfi_pipelines.model import mycfia  # noqa: E402
-from cfi_pipelines.refresh import init_common, refresh_view  # noqa: E402
-from cfi_pipelines.resources.alerts import AlertsResource  # noqa: E402
+from cfi_pipelines.resources.alerter import AlertsResource  # noqa: E402
 from cfi_pipelines.resources.cfi_api import CfiApiResource  # noqa: E402
 from cfi_pipelines.resources.databases import DatabaseResource  # noqa: E402
 from cfi_pipelines.sensors.campaigns import build_campaigns_sensor  # noqa: E402
-from cfi_pipelines.views import VIEWS  # noqa: E402
+from cfi_pipelines.sensors.lag import build_view_lag_sensor  # noqa: E402
+from cfi_pipelines.views.refresh import init_common, refresh_view  # noqa: E402
+from cfi_pipelines.views.spec import VIEWS  # noqa: E402
 
 T0 = datetime(2026, 1, 1)
 
@@ -69,9 +69,8 @@ def campaigns_case(work: Path, n: int) -> dict[str, list[float]]:
     ]  # fmt: skip
     with engine.begin() as conn:
         conn.execute(sa.insert(mycfia.campaigns), rows)
-    from cfi_pipelines.assets.exports import build_export_assets, export_job
 
-    sensor = build_campaigns_sensor(export_job(build_export_assets(0)))
+    sensor = build_campaigns_sensor()
     instance = dg.DagsterInstance.ephemeral()
 
     def tick(cursor):
@@ -100,7 +99,7 @@ def lag_case(work: Path, ticks: int) -> dict[str, list[float]]:
     init_common(common)
     for spec in VIEWS:
         refresh_view(spec, source, common)
-    sensor = next(s for s in build_fallback_defs().sensors if s.name == "view_lag_sensor")
+    sensor = build_view_lag_sensor()
     out = {}
     for name, s_url, c_url in (
         ("lag: healthy", src_url, common_url),

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import paramiko  # noqa: E402
 
 from cfi_pipelines.exports.delivery import upload_atomic  # noqa: E402
-from cfi_pipelines.resources.sftp import load_private_key, open_sftp  # noqa: E402
+from cfi_pipelines.exports.sftp_client import load_private_key, open_sftp  # noqa: E402
 from tests.fixtures.sshd import Sshd, keygen  # noqa: E402
 
 

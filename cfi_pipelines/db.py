@@ -1,4 +1,4 @@
-"""Engines for the three databases, with the per-dialect settings they need.
+"""Engines for the three databases, write transactions and streaming bulk writes.
 
 SQLite runs in WAL mode with a busy timeout so that MyCfia's readers never wait
 on a refresh; SQL Server gets ``fast_executemany``.
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -101,3 +102,58 @@ def write_transaction(engine: Engine) -> Iterator[sa.Connection]:
         conn.execution_options(**{WRITE_OPTION: True})
         with conn.begin():
             yield conn
+
+
+# --------------------------------------------------------------------------- bulk writes
+# Streaming bulk writes, with the fast path each database offers.
+# 
+# PostgreSQL: ``COPY … FROM STDIN`` through psycopg 3. SQL Server: pyodbc's
+# ``fast_executemany`` (set on the engine). Everything else: SQLAlchemy
+# executemany in bounded batches. Rows are consumed from an iterator in batches,
+# so memory stays flat whatever the row count.
+
+BATCH_ROWS = 10_000
+
+
+def batched(rows: Iterable[Sequence], size: int = BATCH_ROWS) -> Iterator[list[Sequence]]:
+    it = iter(rows)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _quoted(conn: sa.Connection, table: sa.Table) -> str:
+    prep = conn.dialect.identifier_preparer
+    return prep.format_table(table)
+
+
+def copy_into_postgres(
+    conn: sa.Connection, table: sa.Table, columns: Sequence[str], rows: Iterable[Sequence]
+) -> int:
+    """COPY ``rows`` into ``table`` on a psycopg 3 connection (inside ``conn``'s transaction)."""
+    prep = conn.dialect.identifier_preparer
+    cols = ", ".join(prep.quote(c) for c in columns)
+    raw = conn.connection.driver_connection
+    n = 0
+    with raw.cursor() as cur, cur.copy(f"COPY {_quoted(conn, table)} ({cols}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+            n += 1
+    return n
+
+
+def insert_rows(
+    conn: sa.Connection,
+    table: sa.Table,
+    rows: Iterable[Sequence],
+    columns: Sequence[str] | None = None,
+) -> int:
+    """Insert tuples in ``columns`` order (default: all table columns); returns the count."""
+    columns = list(columns or [c.name for c in table.columns])
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+        return copy_into_postgres(conn, table, columns, rows)
+    stmt = table.insert()
+    n = 0
+    for chunk in batched(rows):
+        conn.execute(stmt, [dict(zip(columns, row, strict=True)) for row in chunk])
+        n += len(chunk)
+    return n

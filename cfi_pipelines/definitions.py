@@ -1,33 +1,44 @@
 """The code location: the one place where Definitions are assembled.
 
-Load it with ``dagster dev`` (pyproject's ``[tool.dagster]``), ``workspace.yaml``,
-or ``dagster … -m cfi_pipelines.definitions``.
+Every asset, check, job, schedule and sensor is listed here, with the resources
+built once by :func:`cfi_pipelines.resources.build_resources`. Load it with
+``dagster dev`` / ``dg`` (``pyproject.toml``), ``workspace.yaml``, or
+``dagster … -m cfi_pipelines.definitions``. Importing it has no side effect: no
+file, no key, no connection.
 """
 
 from __future__ import annotations
 
 import dagster as dg
 
-from cfi_pipelines.assets.views import build_view_defs
-from cfi_pipelines.exports_defs import build_export_defs
-from cfi_pipelines.fallback_defs import build_fallback_defs
-from cfi_pipelines.resources.databases import DatabaseResource
-from cfi_pipelines.settings import env_or_default, get_settings
+from cfi_pipelines.assets.exports import campaign_export_job, export_assets
+from cfi_pipelines.assets.fallback import fallback_assets, fallback_snapshots_job
+from cfi_pipelines.assets.views import (
+    build_view_schedules,
+    check_views_job,
+    refresh_views_job,
+    view_assets,
+    view_checks,
+)
+from cfi_pipelines.resources import build_resources
+from cfi_pipelines.sensors.campaigns import build_campaigns_sensor
+from cfi_pipelines.sensors.health import build_alert_sensors
+from cfi_pipelines.sensors.lag import build_view_lag_sensor
 
 
-def build_resources() -> dict[str, object]:
-    """Resources from the environment; URLs go in as ``EnvVar`` when set (they may hold passwords)."""
-    s = get_settings()
-    return {
-        "cfi_source": DatabaseResource(url=env_or_default("CFI_SOURCE_URL", s.source_url)),
-        "cfi_common": DatabaseResource(url=env_or_default("CFI_COMMON_URL", s.common_url)),
-        "mycfia": DatabaseResource(url=env_or_default("MYCFIA_URL", s.mycfia_url)),
-    }
+def build_defs(**resource_overrides: object) -> dg.Definitions:
+    """The code location's definitions; schedules and sensors read ``CFI_AUTOMATION`` now.
 
-
-def build_defs() -> dg.Definitions:
-    parts = [build_view_defs(), build_export_defs(), build_fallback_defs()]
-    return dg.Definitions.merge(*parts, dg.Definitions(resources=build_resources()))
+    ``resource_overrides`` replace resources by key (the demo points ``cfi_api`` at its
+    embedded fake API)."""
+    return dg.Definitions(
+        assets=[*view_assets, *fallback_assets, *export_assets],
+        asset_checks=view_checks,
+        jobs=[refresh_views_job, check_views_job, fallback_snapshots_job, campaign_export_job],
+        schedules=build_view_schedules(),
+        sensors=[build_view_lag_sensor(), build_campaigns_sensor(), *build_alert_sensors()],
+        resources={**build_resources(), **resource_overrides},
+    )
 
 
 defs = build_defs()

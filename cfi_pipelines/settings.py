@@ -1,17 +1,26 @@
 """Configuration from the environment, read in one place, with embedded defaults.
 
-Every other module asks :func:`get_settings` instead of reading ``os.environ``.
-Secrets (URLs with passwords, keys, tokens) are *not* copied into Dagster config:
-:func:`env_or_default` hands resources a ``dagster.EnvVar`` when the variable is
-set, so the value never shows in the UI or in logs.
+This is the only module that reads ``os.environ``: every other one asks
+:func:`get_settings`. Secrets (URLs with passwords, keys, tokens) are *not*
+copied into Dagster config: :func:`env_or_default` hands resources a
+``dagster.EnvVar`` when the variable is set, so the value never shows in the UI
+or in logs.
+
+**Local or production** is one explicit switch, :attr:`Settings.environment`:
+``CFI_ENV=local|production``, by default ``production`` as soon as
+``CFI_SFTP_HOST`` names CFI's server and ``local`` otherwise. Locally the
+exports go to the embedded development SFTP server (``cfi-pipelines dev``,
+``demo`` or ``sftp-server`` start it); in production every ``CFI_SFTP_*``
+setting it needs must be given.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 
@@ -20,10 +29,53 @@ FRESH_WINDOW = timedelta(minutes=5)
 INCIDENT_WINDOW = timedelta(minutes=15)
 """A view older than this is an incident: the lag sensor acts, the check is ERROR."""
 
+DEV_SFTP_PORT = 2222
+"""Port of the embedded development SFTP server on 127.0.0.1."""
+DEV_SFTP_USER = "cfi"
+SLACK_API_URL = "https://slack.com/api/"
+
+Environment = Literal["local", "production"]
+
+
+class ConfigError(ValueError):
+    """A configuration variable is missing or wrong; the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """Where alerts go (``CFI_ALERT_*``). Every channel is optional."""
+
+    slack_token: str = ""
+    slack_channel: str = ""
+    slack_api_url: str = SLACK_API_URL
+    webhook_url: str = ""
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_user: str = ""
+    smtp_password: str = ""
+    smtp_from: str = "cfi-pipelines@localhost"
+    smtp_to: tuple[str, ...] = ()
+    smtp_starttls: bool = False
+    state_path: str = ""  # default CFI_HOME/alerts/state.json
+    webserver_url: str = ""  # default DAGSTER_WEBSERVER_URL
+    timeout_s: float = 10.0
+
+    @property
+    def channels(self) -> list[str]:
+        out = []
+        if self.slack_token and self.slack_channel:
+            out.append("slack")
+        if self.webhook_url:
+            out.append("webhook")
+        if self.smtp_host and self.smtp_to:
+            out.append("email")
+        return out
+
 
 @dataclass(frozen=True)
 class Settings:
     home: Path
+    environment: Environment
     source_url: str
     common_url: str
     mycfia_url: str
@@ -33,10 +85,19 @@ class Settings:
     sftp_key: str | None
     sftp_known_hosts: str | None
     sftp_dir: str
+    sftp_write_size: int
+    export_retry_delay: float
     api_url: str | None
     api_token: str | None
     automation: bool
     webserver_url: str
+    dagster_home_env: str | None
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+
+    @property
+    def local(self) -> bool:
+        """True on the embedded defaults (dev SFTP server), False in production."""
+        return self.environment == "local"
 
     @property
     def snapshots_dir(self) -> Path:
@@ -48,12 +109,18 @@ class Settings:
 
     @property
     def dagster_home(self) -> Path:
-        return self.home / "dagster"
+        """``DAGSTER_HOME`` when set, else ``CFI_HOME/dagster`` (the project's instance)."""
+        return Path(self.dagster_home_env) if self.dagster_home_env else self.home / "dagster"
 
     @property
     def dev_sftp_dir(self) -> Path:
         """State of the embedded development SFTP server (keys, known_hosts, root)."""
         return self.home / "sftp"
+
+    @property
+    def dev_sftp_port(self) -> int:
+        """``CFI_SFTP_PORT`` when set to something else than 22, else 2222."""
+        return DEV_SFTP_PORT if self.sftp_port == 22 else self.sftp_port
 
 
 def _sqlite_url(path: Path) -> str:
@@ -65,30 +132,106 @@ def _env(name: str) -> str | None:
     return value or None
 
 
+def is_set(name: str) -> bool:
+    """Whether the environment variable ``name`` has a non-blank value."""
+    return _env(name) is not None
+
+
+def _number(name: str, default: float, kind: type = int) -> float:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{name}={raw!r} is not {'a whole number' if kind is int else 'a number'}: "
+            f"set it to e.g. {default!r}, or unset it for the default"
+        ) from None
+    if value < 0:
+        raise ConfigError(f"{name}={raw!r} is negative: set it to 0 or more")
+    return value
+
+
+def _truthy(name: str, default: bool = False) -> bool:
+    raw = (_env(name) or "").lower()
+    return default if not raw else raw in {"1", "yes", "true", "on"}
+
+
+def split_addresses(text: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in text.split(",") if a.strip())
+
+
+def _alert_settings() -> AlertSettings:
+    def env(name: str, default: str = "") -> str:
+        return _env(f"CFI_ALERT_{name}") or default
+
+    return AlertSettings(
+        slack_token=env("SLACK_TOKEN"),
+        slack_channel=env("SLACK_CHANNEL"),
+        slack_api_url=env("SLACK_API_URL", SLACK_API_URL),
+        webhook_url=env("WEBHOOK_URL"),
+        smtp_host=env("SMTP_HOST"),
+        smtp_port=int(_number("CFI_ALERT_SMTP_PORT", 25)),
+        smtp_user=env("SMTP_USER"),
+        smtp_password=env("SMTP_PASSWORD"),
+        smtp_from=env("SMTP_FROM", "cfi-pipelines@localhost"),
+        smtp_to=split_addresses(env("SMTP_TO")),
+        smtp_starttls=_truthy("CFI_ALERT_SMTP_STARTTLS"),
+    )
+
+
+def _environment() -> Environment:
+    raw = (_env("CFI_ENV") or "").lower()
+    if raw in ("local", "production"):
+        return raw  # type: ignore[return-value]
+    if raw:
+        raise ConfigError(f"CFI_ENV={raw!r}: use 'local' or 'production' (or unset it)")
+    return "production" if _env("CFI_SFTP_HOST") else "local"
+
+
 def get_settings() -> Settings:
-    """Read the environment now (cheap; call it where the value is needed)."""
+    """Read the environment now (cheap; call it where the value is needed).
+
+    Raises :class:`ConfigError` naming the variable when a value is unusable.
+    """
     home = Path(_env("CFI_HOME") or "./.cfi").expanduser().resolve()
     return Settings(
         home=home,
+        environment=_environment(),
         source_url=_env("CFI_SOURCE_URL") or _sqlite_url(home / "cfi_source.db"),
         common_url=_env("CFI_COMMON_URL") or _sqlite_url(home / "cfi_common.db"),
         mycfia_url=_env("MYCFIA_URL") or _sqlite_url(home / "mycfia.db"),
         sftp_host=_env("CFI_SFTP_HOST"),
-        sftp_port=int(_env("CFI_SFTP_PORT") or 22),
+        sftp_port=int(_number("CFI_SFTP_PORT", 22)),
         sftp_user=_env("CFI_SFTP_USER"),
         sftp_key=_env("CFI_SFTP_KEY"),
         sftp_known_hosts=_env("CFI_SFTP_KNOWN_HOSTS"),
         sftp_dir=_env("CFI_SFTP_DIR") or "/",
+        sftp_write_size=int(_number("CFI_SFTP_WRITE_SIZE", 0)),
+        export_retry_delay=float(_number("CFI_EXPORT_RETRY_DELAY", 5.0, float)),
         api_url=_env("CFI_API_URL"),
         api_token=_env("CFI_API_TOKEN"),
         automation=(_env("CFI_AUTOMATION") or "on").lower() not in {"off", "0", "false", "no"},
         webserver_url=(_env("DAGSTER_WEBSERVER_URL") or "http://127.0.0.1:3000").rstrip("/"),
+        dagster_home_env=_env("DAGSTER_HOME"),
+        alerts=_alert_settings(),
     )
 
 
 def env_or_default(name: str, default: str) -> str | dg.EnvVar:
     """``EnvVar(name)`` when the variable is set (kept out of the UI), else ``default``."""
     return dg.EnvVar(name) if _env(name) else default
+
+
+def child_environment(**overrides: str) -> dict[str, str]:
+    """The environment for a child process (``dagster dev``, ``initdb``…), with ``overrides``."""
+    return {**os.environ, **overrides}
+
+
+def set_dagster_home(path: Path) -> None:
+    """Point this process's Dagster at ``path`` (``DagsterInstance.get()`` reads it)."""
+    os.environ["DAGSTER_HOME"] = str(path)
 
 
 def default_schedule_status() -> dg.DefaultScheduleStatus:

@@ -14,25 +14,25 @@ import sqlalchemy as sa
 from pydantic import Field
 
 from cfi_pipelines.assets.views import view_key, view_pool
-from cfi_pipelines.cfi_api import (
+from cfi_pipelines.clock import utcnow
+from cfi_pipelines.fallback.api_client import (
     CfiApiAuthError,
     CfiApiContractError,
     CfiApiError,
     CfiApiNotConfigured,
 )
-from cfi_pipelines.refresh import (
+from cfi_pipelines.fallback.snapshots import Snapshot, parquet_loader, write_snapshot
+from cfi_pipelines.resources.cfi_api import CfiApiResource
+from cfi_pipelines.resources.databases import DatabaseResource
+from cfi_pipelines.settings import get_settings
+from cfi_pipelines.views.refresh import (
     DEFAULT_MAX_DROP_SHARE,
     RefreshRefused,
     init_common,
     record_failure,
     swap_in,
-    utcnow,
 )
-from cfi_pipelines.resources.cfi_api import CfiApiResource
-from cfi_pipelines.resources.databases import DatabaseResource
-from cfi_pipelines.settings import get_settings
-from cfi_pipelines.snapshots import Snapshot, parquet_loader, write_snapshot
-from cfi_pipelines.views import VIEWS, ViewSpec
+from cfi_pipelines.views.spec import VIEWS, ViewSpec
 
 GROUP = "cfi_fallback"
 
@@ -168,6 +168,7 @@ def build_fallback_asset(spec: ViewSpec) -> dg.AssetsDefinition:
 
 FALLBACK_KEYS = [fallback_key(v.name) for v in VIEWS]
 
+
 fallback_snapshots_job = dg.define_asset_job(
     "fallback_snapshots",
     selection=dg.AssetSelection.assets(*FALLBACK_KEYS),
@@ -180,5 +181,4 @@ def fallback_run_config(view: str, *, swap: bool) -> dict:
     return {"ops": {fallback_op_name(view): {"config": {"swap": swap}}}}
 
 
-def build_fallback_assets() -> list[dg.AssetsDefinition]:
-    return [build_fallback_asset(v) for v in VIEWS]
+fallback_assets = [build_fallback_asset(v) for v in VIEWS]

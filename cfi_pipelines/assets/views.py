@@ -1,5 +1,8 @@
 """The four views of the common DB as Dagster assets, built by one factory from
-:data:`cfi_pipelines.views.VIEWS`, with their checks and schedules beside them."""
+:data:`cfi_pipelines.views.spec.VIEWS`, with their checks, jobs and schedules beside them.
+
+Thin: the refresh is :func:`cfi_pipelines.views.refresh.refresh_view`, the
+freshness rules are :mod:`cfi_pipelines.views.freshness`."""
 
 from datetime import timedelta
 from typing import Literal
@@ -7,17 +10,17 @@ from typing import Literal
 import dagster as dg
 import sqlalchemy as sa
 
-from cfi_pipelines.refresh import (
+from cfi_pipelines.clock import utcnow
+from cfi_pipelines.resources.databases import DatabaseResource
+from cfi_pipelines.settings import FRESH_WINDOW, INCIDENT_WINDOW, default_schedule_status
+from cfi_pipelines.views.freshness import format_age, freshness_state, view_age
+from cfi_pipelines.views.refresh import (
     DEFAULT_MAX_DROP_SHARE,
     RefreshRefused,
     read_status,
     refresh_view,
-    utcnow,
-    view_age,
 )
-from cfi_pipelines.resources.databases import DatabaseResource
-from cfi_pipelines.settings import FRESH_WINDOW, INCIDENT_WINDOW, default_schedule_status
-from cfi_pipelines.views import VIEWS, ViewSpec
+from cfi_pipelines.views.spec import VIEWS, ViewSpec
 
 GROUP = "cfi_common"
 
@@ -139,12 +142,10 @@ def build_view_asset(spec: ViewSpec) -> dg.AssetsDefinition:
 
 
 def freshness_severity(age: timedelta | None) -> tuple[bool, dg.AssetCheckSeverity]:
-    """(passed, severity): pass ≤ 5 min, WARN above, ERROR above 15 min or never refreshed."""
-    if age is not None and age <= FRESH_WINDOW:
-        return True, dg.AssetCheckSeverity.WARN
-    if age is not None and age <= INCIDENT_WINDOW:
-        return False, dg.AssetCheckSeverity.WARN
-    return False, dg.AssetCheckSeverity.ERROR
+    """(passed, severity) of the freshness check for ``age`` (see :func:`freshness_state`)."""
+    state = freshness_state(age)
+    severity = dg.AssetCheckSeverity.ERROR if state == "ERROR" else dg.AssetCheckSeverity.WARN
+    return state == "PASS", severity
 
 
 def build_view_checks(spec: ViewSpec) -> list[dg.AssetChecksDefinition]:
@@ -162,11 +163,7 @@ def build_view_checks(spec: ViewSpec) -> list[dg.AssetChecksDefinition]:
         return dg.AssetCheckResult(
             passed=passed,
             severity=severity,
-            description=(
-                "never refreshed"
-                if age is None
-                else f"updated {age.total_seconds() / 60:.1f} min ago"
-            ),
+            description=format_age(age),
             metadata={
                 "age_s": dg.FloatMetadataValue(age.total_seconds() if age is not None else None),
                 "warn_after_s": FRESH_WINDOW.total_seconds(),
@@ -230,10 +227,14 @@ def _run_config(mode: str) -> dg.RunConfig:
     return dg.RunConfig(ops={view_op_name(v.name): RefreshConfig(mode=mode) for v in VIEWS})
 
 
-def build_view_defs() -> dg.Definitions:
-    """Assets, checks, jobs and schedules of the four views."""
+view_assets = [build_view_asset(v) for v in VIEWS]
+view_checks = [c for v in VIEWS for c in build_view_checks(v)]
+
+
+def build_view_schedules() -> list[dg.ScheduleDefinition]:
+    """The refresh and check schedules (built with the definitions: ``CFI_AUTOMATION`` is read then)."""
     status = default_schedule_status()
-    schedules = [
+    return [
         dg.ScheduleDefinition(
             name="refresh_views_every_5_minutes",
             cron_schedule="*/5 * * * *",
@@ -258,9 +259,3 @@ def build_view_defs() -> dg.Definitions:
             description="Freshness and not-empty checks of the four views.",
         ),
     ]
-    return dg.Definitions(
-        assets=[build_view_asset(v) for v in VIEWS],
-        asset_checks=[c for v in VIEWS for c in build_view_checks(v)],
-        jobs=[refresh_views_job, check_views_job],
-        schedules=schedules,
-    )

@@ -18,12 +18,9 @@ Exit code 0 only if everything that should have worked did:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import logging
-import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,10 +28,23 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from cfi_pipelines.assets.fallback import fallback_key, fallback_run_config
+from cfi_pipelines.db import engine_for
+from cfi_pipelines.definitions import build_defs
+from cfi_pipelines.devtools.fake_cfi_api import FakeCfiApi
+from cfi_pipelines.devtools.seed import seed_all, source_is_seeded
+from cfi_pipelines.devtools.seed_mycfia import INVALID_KINDS
+from cfi_pipelines.devtools.sftp_server import DevSFTPServer
+from cfi_pipelines.model import mycfia
+from cfi_pipelines.ops.instance import local_instance
+from cfi_pipelines.ops.runs import QUIET_LOGS, materializations, run_refresh, step_failures
+from cfi_pipelines.ops.status import collect_status
+from cfi_pipelines.resources.cfi_api import CfiApiResource
+from cfi_pipelines.settings import get_settings
+from cfi_pipelines.views.freshness import format_age
+from cfi_pipelines.views.spec import VIEWS
+
 STEPS = 6
-QUIET_LOGS: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-"""Run config that keeps Dagster's console quiet: the demo prints its own progress and
-every failure; the full event logs are in the instance (the UI shows them)."""
 
 PLANTED_NAME_PREFIX = "Invalide: "
 PLANTED_ERROR = {
@@ -67,7 +77,6 @@ def planted_defect(name: str) -> str | None:
     seed_mycfia names its invalid campaigns ``"Invalide: <kind>"``, except the
     control-character one, whose name carries the control character itself.
     """
-    from cfi_pipelines.devtools.seed_mycfia import INVALID_KINDS
 
     if name.startswith(PLANTED_NAME_PREFIX) and name[len(PLANTED_NAME_PREFIX) :] in INVALID_KINDS:
         return name[len(PLANTED_NAME_PREFIX) :]
@@ -134,21 +143,18 @@ def judge(
 
 @contextlib.contextmanager
 def embedded_sftp() -> Iterator[object | None]:
-    """The dev SFTP server when CFI_SFTP_HOST is unset (else CFI's real server is used)."""
-    from cfi_pipelines.settings import get_settings
-
-    if get_settings().sftp_host:
+    """The dev SFTP server in the local environment (else CFI's real server is used)."""
+    s = get_settings()
+    if not s.local:
         yield None
         return
-    from cfi_pipelines.devtools.sftp_server import DevSFTPServer, dev_port
-
     try:
-        server = DevSFTPServer(port=dev_port())
+        server = DevSFTPServer(port=s.dev_sftp_port)
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
         raise SystemExit(
-            f"demo: port {dev_port()} is in use (is `cfi-pipelines dev` running?); the embedded "
+            f"demo: port {s.dev_sftp_port} is in use (is `cfi-pipelines dev` running?); the embedded "
             "SFTP server cannot start. Stop it, or set CFI_SFTP_PORT to a free port."
         ) from None
     try:
@@ -158,40 +164,18 @@ def embedded_sftp() -> Iterator[object | None]:
 
 
 @contextlib.contextmanager
-def embedded_api() -> Iterator[object | None]:
-    """The fake CFI API when CFI_API_URL is unset; sets CFI_API_URL/CFI_API_TOKEN meanwhile."""
-    from cfi_pipelines.settings import get_settings
-
+def embedded_api() -> Iterator[FakeCfiApi | None]:
+    """The fake CFI API when CFI_API_URL is unset (the demo's cfi_api resource points at it)."""
     s = get_settings()
     if s.api_url:
         yield None
         return
-    from cfi_pipelines.devtools.fake_cfi_api import FakeCfiApi
-
-    token = s.api_token or "dev-token"
-    saved = {k: os.environ.get(k) for k in ("CFI_API_URL", "CFI_API_TOKEN")}
-    with FakeCfiApi(s.source_url, token=token) as api:
-        os.environ["CFI_API_URL"], os.environ["CFI_API_TOKEN"] = api.url, token
-        try:
-            yield api
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with FakeCfiApi(s.source_url, token=s.api_token or "dev-token") as api:
+        yield api
 
 
 def run_demo(scale: int = 1) -> int:
     """Run the demo; the exit code (0: everything that should have worked did)."""
-    from cfi_pipelines import cli
-    from cfi_pipelines.assets.fallback import fallback_key, fallback_run_config
-    from cfi_pipelines.db import engine_for
-    from cfi_pipelines.instance import local_instance
-    from cfi_pipelines.model import mycfia
-    from cfi_pipelines.settings import get_settings
-    from cfi_pipelines.views import VIEWS
-
     logging.getLogger("paramiko.transport").addFilter(_DropConnectionResets())
     started = time.perf_counter()
     s = get_settings()
@@ -200,16 +184,18 @@ def run_demo(scale: int = 1) -> int:
     views = [v.name for v in VIEWS]
     tags = {"cfi/trigger": "demo"}
 
-    if not cli.source_is_seeded():
+    if not source_is_seeded(s):
         _step(1, f"seeding the embedded databases under {s.home} (scale {scale}) …")
-        cli.cmd_seed(argparse.Namespace(scale=scale, seed=0))
+        for line in seed_all(s, scale=scale):
+            _say(f"      {line}")
     else:
         _step(1, f"databases already seeded ({s.home})")
 
     with embedded_sftp() as server, embedded_api() as api:
-        from cfi_pipelines.definitions import build_defs
-
-        defs = build_defs()  # after embedded_api(): the cfi_api resource reads CFI_API_URL
+        overrides = {}
+        if api is not None:
+            overrides["cfi_api"] = CfiApiResource(base_url=api.url, token=api.token)
+        defs = build_defs(**overrides)
         if server is not None:
             _step(2, f"embedded SFTP server on 127.0.0.1:{server.port} (root {server.paths.root})")
         else:
@@ -222,14 +208,14 @@ def run_demo(scale: int = 1) -> int:
 
         _step(3, "refreshing the four views (Dagster job refresh_views) …")
         t0 = time.perf_counter()
-        refresh = cli.run_refresh(views, tags=tags, run_config=QUIET_LOGS)
-        rows = {k: md.get("rows") for k, md in cli.materializations(refresh).items()}
+        refresh = run_refresh(views, tags=tags, defs=defs)
+        rows = {k: md.get("rows") for k, md in materializations(refresh).items()}
         _say(
             f"      {'ok' if refresh.success else 'FAILED'} in {time.perf_counter() - t0:.1f}s: "
             + ", ".join(f"{v} {rows.get(v, '-')} rows" for v in views)
         )
-        problems += [f"refresh {f}" for f in cli.step_failures(refresh)]
-        if not refresh.success and not cli.step_failures(refresh):
+        problems += [f"refresh {f}" for f in step_failures(refresh)]
+        if not refresh.success and not step_failures(refresh):
             problems.append(f"refresh run {refresh.run_id} failed")
 
         _step(4, "running the view checks (Dagster job check_views) …")
@@ -245,7 +231,7 @@ def run_demo(scale: int = 1) -> int:
                 check_state.setdefault(view, []).append(f"{data.check_name}={state}")
                 if not data.passed:
                     problems.append(f"check {view}/{data.check_name}: {state}")
-        problems += [f"checks {f}" for f in cli.step_failures(checks)]
+        problems += [f"checks {f}" for f in step_failures(checks)]
         states = [st.split("=")[1] for v in check_state.values() for st in v]
         _say(f"      {len(states)} checks evaluated, {states.count('PASS')} passed")
 
@@ -261,13 +247,13 @@ def run_demo(scale: int = 1) -> int:
             raise_on_error=False,
             tags=tags,
         )
-        snaps = {k: md.get("rows") for k, md in cli.materializations(fallback).items()}
+        snaps = {k: md.get("rows") for k, md in materializations(fallback).items()}
         _say(
             f"      {'ok' if fallback.success else 'FAILED'} in {time.perf_counter() - t0:.1f}s: "
             + ", ".join(f"{v} {snaps.get(v, '-')} rows" for v in views)
             + f" -> {s.snapshots_dir}"
         )
-        problems += [f"fallback {f}" for f in cli.step_failures(fallback)]
+        problems += [f"fallback {f}" for f in step_failures(fallback)]
 
         engine = engine_for(s.mycfia_url)
         c, e = mycfia.campaigns.c, mycfia.campaign_exports.c
@@ -307,12 +293,12 @@ def run_demo(scale: int = 1) -> int:
                 f"  ({time.perf_counter() - t0:.1f}s)"
             )
 
-    st = cli.collect_status()
+    st = collect_status()
     _say("\nViews:")
     for v in st["views"]:
         _say(
             f"  {v['view']:<11} {v['rows'] if v['rows'] is not None else '-':>8} rows  "
-            f"{cli.fmt_age(v['age_s']):<22} checks: {' '.join(check_state.get(v['view'], ['-']))}"
+            f"{format_age(v['age_s']):<22} checks: {' '.join(check_state.get(v['view'], ['-']))}"
         )
     _say("Campaigns:")
     for o in outcomes:
@@ -345,5 +331,3 @@ def run_demo(scale: int = 1) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(run_demo())

@@ -15,7 +15,6 @@ then the embedded servers stop. Nothing started here outlives the command.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import os
@@ -27,6 +26,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from types import FrameType
+
+from cfi_pipelines.devtools.fake_cfi_api import DEFAULT_PORT as DEFAULT_API_PORT
+from cfi_pipelines.devtools.fake_cfi_api import FakeCfiApi
+from cfi_pipelines.devtools.seed import seed_all, source_is_seeded
+from cfi_pipelines.devtools.sftp_server import DevSFTPServer
+from cfi_pipelines.ops.instance import ensure_dagster_home
+from cfi_pipelines.settings import child_environment, get_settings
 
 DEFAULT_UI_PORT = 3000
 READY_TIMEOUT_S = 180.0
@@ -108,15 +114,11 @@ def embedded_servers(env: dict[str, str], api_port: int) -> Iterator[list[str]]:
 
     Yields one line per server started (for the banner); stops them on exit.
     """
-    from cfi_pipelines.settings import get_settings
-
     s = get_settings()
     lines: list[str] = []
     with contextlib.ExitStack() as stack:
-        if not s.sftp_host:
-            from cfi_pipelines.devtools.sftp_server import DevSFTPServer, dev_port
-
-            port = dev_port()
+        if s.local:
+            port = s.dev_sftp_port
             try:
                 sftp = DevSFTPServer(port=port)
             except OSError as exc:
@@ -133,13 +135,11 @@ def embedded_servers(env: dict[str, str], api_port: int) -> Iterator[list[str]]:
             lines.append(f"SFTP                  {s.sftp_host}:{s.sftp_port} (CFI_SFTP_HOST)")
 
         if not s.api_url:
-            from cfi_pipelines.devtools.fake_cfi_api import DEFAULT_PORT, FakeCfiApi
-
             token = s.api_token or "dev-token"
             try:
                 api = FakeCfiApi(s.source_url, token=token, port=api_port)
             except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or api_port != DEFAULT_PORT:
+                if exc.errno != errno.EADDRINUSE or api_port != DEFAULT_API_PORT:
                     raise
                 api = FakeCfiApi(s.source_url, token=token, port=0)  # the default is taken
             stack.enter_context(api)
@@ -187,54 +187,26 @@ def run_dagster_dev(cmd: Sequence[str], env: dict[str, str], url: str) -> int:
             signal.signal(sig, handler)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_dev(port: int = DEFAULT_UI_PORT, api_port: int = DEFAULT_API_PORT) -> int:
     """``cfi-pipelines dev [--port P] [--api-port P]``: embedded servers + ``dagster dev``."""
-    from cfi_pipelines import cli
-    from cfi_pipelines.devtools.fake_cfi_api import DEFAULT_PORT
-    from cfi_pipelines.instance import ensure_dagster_home
-    from cfi_pipelines.settings import get_settings
-
-    p = argparse.ArgumentParser(
-        prog="cfi-pipelines dev",
-        description="Embedded servers, then `dagster dev` on 127.0.0.1 with schedules and "
-        "sensors running. Ctrl-C stops everything it started.",
-    )
-    p.add_argument(
-        "--port", type=int, default=DEFAULT_UI_PORT, help="Dagster UI port (default %(default)s)"
-    )
-    p.add_argument(
-        "--api-port",
-        type=int,
-        default=DEFAULT_PORT,
-        help="fake CFI API port when CFI_API_URL is unset (0: any free port; default "
-        "%(default)s, or a free port if it is taken)",
-    )
-    argv = list(argv) if argv is not None else sys.argv[1:]
-    if argv[:1] == ["--"]:  # `cfi-pipelines dev -- --port P` (argparse REMAINDER keeps the --)
-        argv = argv[1:]
-    args = p.parse_args(argv)
-
     s = get_settings()
     s.home.mkdir(parents=True, exist_ok=True)
-    if not cli.source_is_seeded():
+    if not source_is_seeded(s):
         _say(f"seeding the embedded databases under {s.home} …")
-        cli.cmd_seed(argparse.Namespace(scale=1, seed=0))
+        for line in seed_all(s):
+            _say(line)
     dagster_home = ensure_dagster_home()
-    env = dict(os.environ, DAGSTER_HOME=str(dagster_home))
-    url = f"http://127.0.0.1:{args.port}"
+    env = child_environment(DAGSTER_HOME=str(dagster_home))
+    url = f"http://127.0.0.1:{port}"
     try:
-        with embedded_servers(env, args.api_port) as lines:
+        with embedded_servers(env, api_port) as lines:
             for line in lines:
                 _say(line)
             _say(f"DAGSTER_HOME          {dagster_home}")
             automation = "on" if s.automation else "off (CFI_AUTOMATION)"
             _say(f"starting dagster dev on {url} (schedules and sensors {automation}) …")
-            code = run_dagster_dev(dagster_dev_command(args.port), env, url)
+            code = run_dagster_dev(dagster_dev_command(port), env, url)
     except (_Stop, KeyboardInterrupt):  # a signal before dagster dev started
         code = 0
     _say("stopped (dagster dev and the embedded servers)")
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """A fake CFI HTTP API, served from the CFI source DB (development and tests only).
 
 ``cfi-pipelines fake-cfi-api [--host H] [--port P]`` serves the contract of
-:mod:`cfi_pipelines.cfi_api` over real HTTP: bearer-token check, keyset
+:mod:`cfi_pipelines.fallback.api_client` over real HTTP: bearer-token check, keyset
 pagination on the view's key (the cursor is opaque to clients and carries the
 snapshot's ``as_of``, so every page of one read reports the same time), and
 switches that inject latency, 429s with ``Retry-After``, 500s and malformed
@@ -14,17 +14,14 @@ pages. Tests use :class:`FakeCfiApi` directly::
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import contextlib
 import hmac
 import json
 import logging
-import os
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -34,10 +31,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import sqlalchemy as sa
 
-from cfi_pipelines.cfi_api import API_VIEWS, ApiField, ApiView
+from cfi_pipelines.clock import utcnow
 from cfi_pipelines.db import engine_for, redact
-from cfi_pipelines.refresh import utcnow
-from cfi_pipelines.views import VIEWS_BY_NAME
+from cfi_pipelines.fallback.api_client import API_VIEWS, ApiField, ApiView
+from cfi_pipelines.settings import get_settings
+from cfi_pipelines.views.spec import VIEWS_BY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -321,49 +319,23 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, raw)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``cfi-pipelines fake-cfi-api``: serve until interrupted."""
-    from cfi_pipelines.settings import get_settings
-
-    p = argparse.ArgumentParser(
-        prog="cfi-pipelines fake-cfi-api",
-        description="Serve the CFI API contract from the CFI source DB (development only).",
-    )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument("--source-url", help="SQLAlchemy URL of the source DB (default: CFI_SOURCE_URL)")
-    p.add_argument(
-        "--token", help="bearer token to require (default: CFI_API_TOKEN, else 'dev-token')"
-    )
-    p.add_argument("--latency-ms", type=float, default=0.0, help="added to every request")
-    p.add_argument("--fail-429", type=int, default=0, metavar="N", help="answer 429 to N requests")
-    p.add_argument("--retry-after", default="1", help="Retry-After of those 429s (seconds)")
-    p.add_argument("--fail-500", type=int, default=0, metavar="N", help="answer 500 to N requests")
-    p.add_argument("--malformed", choices=MALFORMED_KINDS, help="break one page this way")
-    p.add_argument("--malformed-page", type=int, default=1, help="which page to break (1-based)")
-    args = p.parse_args(list(argv) if argv is not None else None)
+def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    source_url: str | None = None,
+    token: str | None = None,
+    faults: Faults | None = None,
+) -> int:
+    """``cfi-pipelines fake-cfi-api``: serve until interrupted (token: CFI_API_TOKEN, else dev-token)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-
     settings = get_settings()
-    token_from_env = os.environ.get("CFI_API_TOKEN", "").strip()
-    token = args.token or token_from_env or "dev-token"
-    faults = Faults(
-        latency_s=args.latency_ms / 1000,
-        fail_429=args.fail_429,
-        retry_after=args.retry_after,
-        fail_500=args.fail_500,
-        malformed=args.malformed,
-        malformed_page=args.malformed_page,
-    )
-    source_url = args.source_url or settings.source_url
-    api = FakeCfiApi(source_url, token=token, host=args.host, port=args.port, faults=faults)
-    shown = "from CFI_API_TOKEN" if token == token_from_env and not args.token else repr(token)
+    chosen = token or settings.api_token or "dev-token"
+    source_url = source_url or settings.source_url
+    api = FakeCfiApi(source_url, token=chosen, host=host, port=port, faults=faults)
+    shown = "from CFI_API_TOKEN" if not token and settings.api_token else repr(chosen)
     print(f"fake CFI API on {api.url} from {redact(source_url)} (token {shown})", flush=True)
     print(f"  views: {', '.join(API_VIEWS)}; use CFI_API_URL={api.url}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         api.serve_forever()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

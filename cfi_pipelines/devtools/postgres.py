@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cfi_pipelines.settings import child_environment
+
 SUPERUSER = "cfi"
 PASSWORD = "cfi-test-only"
 
@@ -61,7 +63,7 @@ class TempPostgres:
         if as_user:
             for p in (self.root, data, pwfile):
                 os.chown(p, as_user["user"], as_user["group"])
-        env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+        env = child_environment(LC_ALL="C.UTF-8", LANG="C.UTF-8")
         subprocess.run(
             [_bin("initdb"), "-D", str(data), "-U", SUPERUSER, "--pwfile", str(pwfile),
              "-A", "scram-sha-256", "-E", "UTF8", "--no-sync"],

@@ -15,8 +15,11 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from cfi_pipelines.bulk import insert_rows
+from cfi_pipelines.db import engine_for, insert_rows, redact
+from cfi_pipelines.devtools.seed_mycfia import seed_mycfia
 from cfi_pipelines.model import cfi_source as src
+from cfi_pipelines.settings import Settings
+from cfi_pipelines.views.refresh import init_common
 
 FIRST_NAMES = [
     "Camille",
@@ -392,3 +395,27 @@ def seed_source(
         counts["campaign_targets"] = insert_rows(conn, src.campaign_targets, targets)
         counts["campaign_results"] = insert_rows(conn, src.campaign_results, results)
     return counts
+
+
+def source_is_seeded(settings: Settings) -> bool:
+    """Whether CFI's source DB has its tables (the demo and ``dev`` seed it otherwise)."""
+    try:
+        with engine_for(settings.source_url).connect() as conn:
+            return sa.inspect(conn).has_table("stock_levels")
+    except sa.exc.OperationalError:
+        return False
+
+
+def seed_all(settings: Settings, *, scale: int = 1, seed: int = 0) -> list[str]:
+    """(Re)create and fill the three databases; one line per database for the operator."""
+    source = engine_for(settings.source_url)
+    counts = seed_source(source, scale=scale, seed=seed)
+    init_common(engine_for(settings.common_url))
+    mcounts = seed_mycfia(engine_for(settings.mycfia_url), source, scale=scale, seed=seed)
+    return [
+        f"CFI source DB ({redact(settings.source_url)}): "
+        + ", ".join(f"{k} {v}" for k, v in counts.items()),
+        f"common DB ({redact(settings.common_url)}): schema ready",
+        f"MyCfia DB ({redact(settings.mycfia_url)}): "
+        + ", ".join(f"{k} {v}" for k, v in mcounts.items()),
+    ]

@@ -9,7 +9,6 @@ as CFI's production server: key auth, host-key verification, posix-rename.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import logging
@@ -25,12 +24,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cfi_pipelines.resources.sftp import SFTPResource
-from cfi_pipelines.settings import get_settings
+from cfi_pipelines.settings import DEV_SFTP_PORT, DEV_SFTP_USER, get_settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DEV_PORT = 2222
-DEV_USER = "cfi"
+DEFAULT_DEV_PORT = DEV_SFTP_PORT
+DEV_USER = DEV_SFTP_USER
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,7 @@ class DevPaths:
 
 def dev_port() -> int:
     """``CFI_SFTP_PORT`` when set to something else than 22, else 2222."""
-    port = get_settings().sftp_port
-    return DEFAULT_DEV_PORT if port == 22 else port
+    return get_settings().dev_sftp_port
 
 
 def _write_key(path: Path) -> None:
@@ -265,16 +263,9 @@ class DevSFTPServer:
         self._thread.join(timeout=5)
 
 
-def main(argv: list[str] | None = None) -> int:
+def serve(port: int | None = None) -> int:
     """``cfi-pipelines sftp-server [--port P]``: run the dev server until Ctrl-C."""
-    parser = argparse.ArgumentParser(
-        prog="cfi-pipelines sftp-server", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--port", type=int, default=dev_port(), help="port on 127.0.0.1 (default %(default)s)"
-    )
-    args = parser.parse_args(argv)
-    server = DevSFTPServer(port=args.port)
+    server = DevSFTPServer(port=port or dev_port())
     print(
         f"dev SFTP server on 127.0.0.1:{server.port}, user {DEV_USER!r}, root {server.paths.root}"
     )

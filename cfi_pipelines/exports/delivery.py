@@ -20,11 +20,11 @@ import paramiko
 
 from cfi_pipelines.exports.document import ExportBundle
 from cfi_pipelines.exports.errors import DeliveryError
-from cfi_pipelines.resources.sftp import SAFE_WRITE_SIZE, SFTPPermanentError
+from cfi_pipelines.exports.sftp_client import SAFE_WRITE_SIZE, SFTPPermanentError
 
 WRITE_CHUNK = SAFE_WRITE_SIZE
 """Default bytes per SFTP write, which every server accepts; a connection opened by
-:class:`~cfi_pipelines.resources.sftp.SFTPResource` negotiates larger writes where the
+:class:`~cfi_pipelines.exports.sftp_client.SFTPResource` negotiates larger writes where the
 server takes them (``SFTPConnection.write_size``)."""
 ORDER = ("json", "csv", "manifest")  # the manifest last: it says "complete"
 

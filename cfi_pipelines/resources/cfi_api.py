@@ -1,15 +1,15 @@
-"""The CFI API resource: configuration in, a :class:`~cfi_pipelines.cfi_api.CfiApiClient` out.
+"""The CFI API resource: configuration in, a :class:`~cfi_pipelines.fallback.api_client.CfiApiClient` out.
 
 ``base_url`` and ``token`` come from ``CFI_API_URL`` / ``CFI_API_TOKEN`` as
-``dagster.EnvVar`` (see :func:`build_cfi_api_resource`), so the token never shows
+``dagster.EnvVar`` (see :func:`cfi_api_resource`), so the token never shows
 in the UI or the logs.
 """
 
 import dagster as dg
 from pydantic import Field
 
-from cfi_pipelines.cfi_api import CfiApiClient, CfiApiNotConfigured
-from cfi_pipelines.settings import env_or_default
+from cfi_pipelines.fallback.api_client import CfiApiClient, CfiApiNotConfigured
+from cfi_pipelines.settings import Settings, env_or_default
 
 
 class CfiApiResource(dg.ConfigurableResource):
@@ -49,8 +49,9 @@ class CfiApiResource(dg.ConfigurableResource):
         )
 
 
-def build_cfi_api_resource() -> CfiApiResource:
+def cfi_api_resource(settings: Settings) -> CfiApiResource:
     """The resource from the environment (EnvVar when set, so secrets stay out of the UI)."""
+    del settings  # both values are secrets or may embed one: they go in as EnvVar
     return CfiApiResource(
         base_url=env_or_default("CFI_API_URL", ""),
         token=env_or_default("CFI_API_TOKEN", ""),

@@ -1,280 +1,25 @@
-"""SFTP client resource (paramiko) for CFI's drop: strict host keys, timeouts, fast.
+"""The SFTP resource: configuration of CFI's drop in, a verified connection out.
 
-The resource only holds configuration and opens one connection per run
-(:meth:`SFTPResource.connect`); the uploading itself is
-:func:`cfi_pipelines.exports.deliver`.
-
-- The host key is always verified against ``known_hosts`` (never auto-added):
-  an unknown, changed or revoked key is refused with the host, key type and
-  SHA256 fingerprint that the server offered.
-- ``known_hosts`` is parsed line by line: markers (``@revoked``,
-  ``@cert-authority``) and malformed lines make paramiko's own loader crash.
-- Connect, banner, authentication and channel I/O all have timeouts.
-- AES-GCM first and a large window: about twice paramiko's default throughput.
-- Write requests as large as the server takes (:func:`negotiate_write_size`):
-  OpenSSH's sftp-server accepts 255,000-byte writes (1.13x OpenSSH's own client
-  on 100 MB, against 0.90x with the universal 32,675).
+The client itself (host-key verification, timeouts, write-size negotiation) is
+:mod:`cfi_pipelines.exports.sftp_client`.
 """
 
-import io
-import logging
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
 import paramiko
 from pydantic import Field
 
-log = logging.getLogger(__name__)
-
-PREFERRED_CIPHERS = (
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
-    "aes128-ctr",
-    "aes256-ctr",
+from cfi_pipelines.exports.sftp_client import (
+    AuthError,
+    EmbeddedServerDown,
+    SFTPConnection,
+    load_private_key,
+    open_sftp,
 )
-WINDOW_SIZE = 64 * 1024 * 1024
-_RSA_ALGOS = ("rsa-sha2-512", "rsa-sha2-256")
-
-SAFE_WRITE_SIZE = 32_675
-"""Bytes per SFTP write that any server accepts: request and header fit one 32 KiB packet."""
-LARGE_WRITE_SIZE = 255_000
-"""Bytes per write on servers known to take more (OpenSSH: 256 KiB messages): fewer
-Python round trips, the fastest size measured by ``benchmarks/sftp.py``."""
-
-
-class SFTPPermanentError(Exception):
-    """A failure that retrying cannot fix (host key, authentication, bad key)."""
-
-
-class HostKeyError(SFTPPermanentError):
-    """The server's host key is unknown, changed or revoked."""
-
-
-class AuthError(SFTPPermanentError):
-    """The server refused our key, or the key cannot be read."""
-
-
-@dataclass
-class KnownHosts:
-    """Host keys from an OpenSSH known_hosts file, plus its ``@revoked`` keys."""
-
-    keys: paramiko.HostKeys = field(default_factory=paramiko.HostKeys)
-    revoked: list[tuple[list[str], paramiko.PKey]] = field(default_factory=list)
-    skipped: int = 0
-
-
-def load_known_hosts(path: str | Path) -> KnownHosts:
-    """Parse ``path`` tolerantly: unreadable lines and ``@cert-authority`` are skipped."""
-    known = KnownHosts()
-    text = Path(path).expanduser().read_text(encoding="utf-8", errors="replace")
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        marker = None
-        if line.startswith("@"):
-            marker, _, line = line.partition(" ")
-            line = line.strip()
-        try:
-            entry = paramiko.hostkeys.HostKeyEntry.from_line(line, lineno)
-        except Exception:  # InvalidHostKey is not an SSHException: paramiko would crash
-            entry = None
-        if entry is None or entry.key is None:
-            known.skipped += 1
-            continue
-        if marker == "@revoked":
-            known.revoked.append((entry.hostnames, entry.key))
-        elif marker is None:
-            for host in entry.hostnames:
-                known.keys.add(host, entry.key.get_name(), entry.key)
-        else:  # @cert-authority: host certificates are not supported by paramiko
-            known.skipped += 1
-    return known
-
-
-def host_id(host: str, port: int) -> str:
-    """The name OpenSSH files a host under: ``host`` on port 22, else ``[host]:port``."""
-    return host if port == 22 else f"[{host}]:{port}"
-
-
-def _matches(patterns: list[str], name: str) -> bool:
-    probe = paramiko.HostKeys()
-    for p in patterns:
-        if p == "*" or p == name:
-            return True
-        if p.startswith("|1|") and probe.hash_host(name, p) == p:
-            return True
-    return False
-
-
-def verify_host_key(
-    known: KnownHosts, host: str, port: int, key: paramiko.PKey, source: str
-) -> None:
-    """Raise :class:`HostKeyError` unless ``key`` is ``host``'s known, unrevoked key."""
-    name = host_id(host, port)
-    offered = f"{key.get_name()} key {key.fingerprint}"
-    for patterns, bad in known.revoked:
-        if bad == key and _matches(patterns, name):
-            raise HostKeyError(
-                f"SFTP host {name} offered a REVOKED host key ({offered}) listed in {source}: refused"
-            )
-    entries = known.keys.lookup(name)
-    if not entries:
-        raise HostKeyError(
-            f"SFTP host {name} is not in {source}: it offered {offered}. Check this fingerprint with "
-            f"the server's owner, then add the key (ssh-keyscan -p {port} {host} >> {source})."
-        )
-    expected = entries.get(key.get_name())
-    if expected is None or expected != key:
-        known_desc = ", ".join(f"{k.get_name()} {k.fingerprint}" for k in entries.values())
-        raise HostKeyError(
-            f"SFTP host key of {name} has CHANGED: it offered {offered}, {source} has {known_desc}. "
-            "Possible man-in-the-middle: refused. If the server's key was really replaced, "
-            "update known_hosts after checking the new fingerprint."
-        )
-
-
-def load_private_key(value: str, passphrase: str | None = None) -> paramiko.PKey:
-    """A private key (ed25519, ECDSA or RSA) from a path or from the key text itself."""
-    text = value.strip()
-    try:
-        if text.startswith("-----BEGIN"):
-            for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
-                try:
-                    return cls.from_private_key(io.StringIO(text + "\n"), password=passphrase)
-                except paramiko.SSHException:
-                    continue
-            raise paramiko.SSHException("not an ed25519, ECDSA or RSA private key")
-        return paramiko.PKey.from_path(Path(text).expanduser(), passphrase)
-    except (OSError, ValueError, paramiko.SSHException) as exc:
-        # Never echo the value: it may be the key itself.
-        raise AuthError(
-            f"the SFTP client key (CFI_SFTP_KEY) cannot be loaded: {type(exc).__name__}"
-        ) from None
-
-
-def _host_key_order(known: KnownHosts, host: str, port: int) -> list[str]:
-    # Ask for a key type we already know for this host (as OpenSSH does), so a
-    # server with several host keys is not taken for a changed one.
-    preferred: list[str] = []
-    entries = known.keys.lookup(host_id(host, port)) or {}
-    for key_type in entries:
-        preferred.extend(_RSA_ALGOS if key_type == "ssh-rsa" else (key_type,))
-    return preferred
-
-
-def server_write_limit(sftp: paramiko.SFTPClient) -> int | None:
-    """The server's max-write-length from the ``limits@openssh.com`` extension
-    (OpenSSH 8.6+), or None when the server does not answer it (or sets no limit)."""
-    from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
-
-    try:
-        kind, msg = sftp._request(CMD_EXTENDED, "limits@openssh.com")
-    except (OSError, paramiko.SSHException):  # "Operation unsupported" and the like
-        return None
-    if kind != CMD_EXTENDED_REPLY:
-        return None
-    msg.get_int64()  # max packet length
-    msg.get_int64()  # max read length
-    return msg.get_int64() or None
-
-
-def negotiate_write_size(
-    transport: paramiko.Transport, sftp: paramiko.SFTPClient, configured: int = 0
-) -> int:
-    """Bytes per SFTP write for this server.
-
-    ``configured`` > 0 is used as given (capped by the server's announced limit);
-    0 means automatic: the server's ``limits@openssh.com`` write limit up to
-    :data:`LARGE_WRITE_SIZE`; else :data:`LARGE_WRITE_SIZE` when the banner says
-    OpenSSH (whose sftp-server has taken 256 KiB messages for two decades); else
-    :data:`SAFE_WRITE_SIZE`, which every server accepts.
-    """
-    limit = server_write_limit(sftp)
-    if configured > 0:
-        return min(configured, limit) if limit else configured
-    if limit:
-        return min(limit, LARGE_WRITE_SIZE)
-    banner = transport.remote_version or ""
-    return LARGE_WRITE_SIZE if banner.startswith("SSH-2.0-OpenSSH_") else SAFE_WRITE_SIZE
-
-
-@dataclass
-class SFTPConnection:
-    """An open SFTP session and its transport; close it with :meth:`close`.
-
-    ``write_size``: bytes per write request, negotiated with the server."""
-
-    transport: paramiko.Transport
-    sftp: paramiko.SFTPClient
-    write_size: int = SAFE_WRITE_SIZE
-
-    def close(self) -> None:
-        try:
-            self.sftp.close()
-        finally:
-            self.transport.close()
-
-
-def open_sftp(
-    host: str,
-    port: int,
-    username: str,
-    pkey: paramiko.PKey,
-    known_hosts: str | Path,
-    *,
-    connect_timeout: float = 10.0,
-    io_timeout: float = 30.0,
-    window_size: int = WINDOW_SIZE,
-    write_size: int = 0,
-) -> SFTPConnection:
-    """Connect, verify the host key, authenticate with ``pkey``, open SFTP, and
-    negotiate the write size (``write_size`` 0: automatic, see :func:`negotiate_write_size`).
-
-    Raises :class:`HostKeyError` / :class:`AuthError` (permanent) or ``OSError`` /
-    ``paramiko.SSHException`` (transient: refused, dropped, timed out).
-    """
-    try:
-        known = load_known_hosts(known_hosts)
-    except OSError as exc:
-        raise HostKeyError(
-            f"known_hosts file {known_hosts} cannot be read ({exc.strerror}): host keys are always verified"
-        ) from None
-    sock = socket.create_connection((host, port), timeout=connect_timeout)
-    transport = paramiko.Transport(sock, default_window_size=window_size)
-    try:
-        opts = transport.get_security_options()
-        opts.ciphers = [c for c in PREFERRED_CIPHERS if c in opts.ciphers] + [
-            c for c in opts.ciphers if c not in PREFERRED_CIPHERS
-        ]
-        order = _host_key_order(known, host, port)
-        opts.key_types = [k for k in order if k in opts.key_types] + [
-            k for k in opts.key_types if k not in order
-        ]
-        transport.banner_timeout = connect_timeout
-        transport.auth_timeout = connect_timeout
-        transport.start_client(timeout=connect_timeout)
-        verify_host_key(known, host, port, transport.get_remote_server_key(), str(known_hosts))
-        try:
-            transport.auth_publickey(username, pkey)
-        except paramiko.AuthenticationException as exc:
-            raise AuthError(
-                f"SFTP server {host_id(host, port)} refused the key {pkey.get_name()} {pkey.fingerprint} "
-                f"for user {username!r}: {exc}"
-            ) from None
-        channel = transport.open_session(window_size=window_size, timeout=connect_timeout)
-        channel.settimeout(io_timeout)  # every later read/write on the session times out
-        channel.invoke_subsystem("sftp")
-        sftp = paramiko.SFTPClient(channel)
-        transport.set_keepalive(15)
-        return SFTPConnection(transport, sftp, negotiate_write_size(transport, sftp, write_size))
-    except BaseException:
-        transport.close()
-        raise
+from cfi_pipelines.settings import DEV_SFTP_USER, Settings, env_or_default
 
 
 class SFTPResource(dg.ConfigurableResource):
@@ -284,7 +29,7 @@ class SFTPResource(dg.ConfigurableResource):
     port: int = Field(default=22, description="CFI_SFTP_PORT")
     username: str = Field(description="CFI_SFTP_USER")
     private_key: str = Field(
-        description="Path to the client private key, or the key itself (CFI_SFTP_KEY)"
+        default="", description="Path to the client private key, or the key itself (CFI_SFTP_KEY)"
     )
     private_key_passphrase: str | None = Field(
         default=None, description="Passphrase of the key, if any"
@@ -305,6 +50,11 @@ class SFTPResource(dg.ConfigurableResource):
         description="Bytes per SFTP write request; 0 (default) negotiates with the server: "
         "255000 on OpenSSH, 32675 elsewhere (CFI_SFTP_WRITE_SIZE)",
     )
+    embedded: bool = Field(
+        default=False,
+        description="The embedded development server (local environment): a missing server "
+        "is reported with how to start it",
+    )
 
     @property
     def target(self) -> str:
@@ -313,17 +63,29 @@ class SFTPResource(dg.ConfigurableResource):
 
     def open(self) -> SFTPConnection:
         """A new, verified and authenticated connection (caller closes it)."""
+        if self.embedded and not Path(self.private_key).exists():
+            raise EmbeddedServerDown(self.host, self.port, "its keys were never created")
+        if not self.private_key:
+            raise AuthError(
+                "CFI_SFTP_KEY is not set: CFI_SFTP_HOST names CFI's server, so the client "
+                "private key is needed (a path, or the key itself)"
+            )
         pkey = load_private_key(self.private_key, self.private_key_passphrase)
-        return open_sftp(
-            self.host,
-            self.port,
-            self.username,
-            pkey,
-            self.known_hosts,
-            connect_timeout=self.connect_timeout,
-            io_timeout=self.io_timeout,
-            write_size=self.write_size,
-        )
+        try:
+            return open_sftp(
+                self.host,
+                self.port,
+                self.username,
+                pkey,
+                self.known_hosts,
+                connect_timeout=self.connect_timeout,
+                io_timeout=self.io_timeout,
+                write_size=self.write_size,
+            )
+        except ConnectionRefusedError:
+            if self.embedded:
+                raise EmbeddedServerDown(self.host, self.port, "nothing listens there") from None
+            raise
 
     @contextmanager
     def session(self) -> Iterator[SFTPConnection]:
@@ -339,3 +101,30 @@ class SFTPResource(dg.ConfigurableResource):
         """One SFTP session for a whole run: ``with sftp.connect() as client: ...``."""
         with self.session() as conn:
             yield conn.sftp
+
+
+def sftp_resource(settings: Settings) -> SFTPResource:
+    """CFI's SFTP in production (``CFI_SFTP_*``, the key as ``EnvVar``); locally the
+    embedded development server's files under ``CFI_HOME/sftp`` (created by the
+    commands that start the server, never here)."""
+    if settings.local:
+        base = settings.dev_sftp_dir
+        return SFTPResource(
+            host="127.0.0.1",
+            port=settings.dev_sftp_port,
+            username=DEV_SFTP_USER,
+            private_key=str(base / "client_ed25519"),
+            known_hosts=str(base / "known_hosts"),
+            remote_dir="/",
+            embedded=True,
+        )
+    return SFTPResource(
+        host=settings.sftp_host or "",
+        port=settings.sftp_port,
+        username=settings.sftp_user or "cfi",
+        private_key=env_or_default("CFI_SFTP_KEY", ""),
+        known_hosts=settings.sftp_known_hosts or "~/.ssh/known_hosts",
+        remote_dir=settings.sftp_dir,
+        # 0: negotiated with the server (large writes on OpenSSH), see exports/sftp_client.py
+        write_size=settings.sftp_write_size,
+    )

@@ -15,12 +15,11 @@ from datetime import datetime, timedelta
 
 import dagster as dg
 import sqlalchemy as sa
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from cfi_pipelines.assets.exports import campaigns_partitions
+from cfi_pipelines.assets.exports import campaign_export_job, campaigns_partitions
 from cfi_pipelines.model import mycfia as model
 from cfi_pipelines.resources.databases import DatabaseResource
-from cfi_pipelines.settings import get_settings
+from cfi_pipelines.settings import default_sensor_status
 
 OVERLAP = timedelta(minutes=2)
 """How far back each tick re-reads, for transactions that commit late."""
@@ -89,19 +88,14 @@ def scan(
     return found, CampaignCursor(since, seen)
 
 
-def build_campaigns_sensor(job: "UnresolvedAssetJobDefinition") -> dg.SensorDefinition:
-    """The sensor, on by default unless ``CFI_AUTOMATION=off``."""
-    status = (
-        dg.DefaultSensorStatus.RUNNING
-        if get_settings().automation
-        else dg.DefaultSensorStatus.STOPPED
-    )
+def build_campaigns_sensor() -> dg.SensorDefinition:
+    """The sensor, on by default unless ``CFI_AUTOMATION=off`` (read when it is built)."""
 
     @dg.sensor(
         name="validated_campaigns_sensor",
-        job=job,
+        job=campaign_export_job,
         minimum_interval_seconds=15,
-        default_status=status,
+        default_status=default_sensor_status(),
         description="Requests one export run per newly validated campaign revision "
         "(run key <campaign id>:r<revision>) and adds its 'campaigns' partition.",
     )

@@ -32,16 +32,18 @@ from typing import Any
 import dagster as dg
 import sqlalchemy as sa
 
-from cfi_pipelines.alerts import common_db_down_alert
+from cfi_pipelines.alerting.messages import common_db_down_alert
 from cfi_pipelines.assets.fallback import fallback_key, fallback_run_config, fallback_snapshots_job
 from cfi_pipelines.assets.views import refresh_views_job, view_key
+from cfi_pipelines.clock import utcnow
 from cfi_pipelines.model import cfi_source as src
-from cfi_pipelines.refresh import read_status, utcnow, view_age
-from cfi_pipelines.resources.alerts import AlertsResource
+from cfi_pipelines.resources.alerter import AlertsResource
 from cfi_pipelines.resources.cfi_api import CfiApiResource
 from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.settings import INCIDENT_WINDOW, default_sensor_status
-from cfi_pipelines.views import VIEWS
+from cfi_pipelines.views.freshness import format_age, view_age
+from cfi_pipelines.views.refresh import read_status
+from cfi_pipelines.views.spec import VIEWS
 
 SENSOR_NAME = "view_lag_sensor"
 PROBE_TIMEOUT_S = 0.8
@@ -153,10 +155,6 @@ class Decision:
     episode: str = ""
 
 
-def _fmt_age(age: timedelta | None) -> str:
-    return "never refreshed" if age is None else f"{age.total_seconds() / 60:.1f} min old"
-
-
 def decide_view(
     view: str,
     row: dict | None,
@@ -168,7 +166,7 @@ def decide_view(
     """What to do about one view, given its status row and whether the source answers."""
     age = view_age(row, now)
     if age is not None and age <= threshold:
-        return Decision(view, "none", f"fresh ({_fmt_age(age)})")
+        return Decision(view, "none", f"fresh ({format_age(age)})")
     snapshot = (row or {}).get("source_snapshot_at")
     episode = snapshot.strftime("%Y%m%dT%H%M%S") if snapshot else "never"
     failures = int((row or {}).get("consecutive_failures") or 0)
@@ -176,15 +174,15 @@ def decide_view(
         return Decision(
             view,
             "fallback",
-            f"{_fmt_age(age)} and CFI's source DB is unreachable ({source.error})",
+            f"{format_age(age)} and CFI's source DB is unreachable ({source.error})",
             episode,
         )
     if failures >= FAILURES_BEFORE_FALLBACK:
         return Decision(
-            view, "fallback", f"{_fmt_age(age)} and the last {failures} refreshes failed", episode
+            view, "fallback", f"{format_age(age)} and the last {failures} refreshes failed", episode
         )
     return Decision(
-        view, "refresh", f"{_fmt_age(age)} (> {threshold.total_seconds() / 60:.0f} min)", episode
+        view, "refresh", f"{format_age(age)} (> {threshold.total_seconds() / 60:.0f} min)", episode
     )
 
 

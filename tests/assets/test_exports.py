@@ -9,18 +9,18 @@ import paramiko
 import pytest
 import sqlalchemy as sa
 
-from cfi_pipelines.assets import exports as export_assets
 from cfi_pipelines.assets.exports import (
     CHECK_NAME,
     DELIVERY_KEY,
     FILES_KEY,
-    build_export_assets,
     campaigns_partitions,
+    export_assets,
 )
 from cfi_pipelines.db import create_engine
 from cfi_pipelines.devtools.seed_mycfia import add_campaign, default_targets
+from cfi_pipelines.exports import campaign as delivery_logic
 from cfi_pipelines.model import mycfia
-from cfi_pipelines.resources.alerts import AlertsResource
+from cfi_pipelines.resources.alerter import AlertsResource
 from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.resources.sftp import SFTPResource
 
@@ -56,7 +56,7 @@ def export(
     instance = instance or dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(campaigns_partitions.name, [str(campaign_id)])
     return dg.materialize(
-        build_export_assets(delay=0),
+        export_assets,
         instance=instance,
         partition_key=str(campaign_id),
         resources={
@@ -220,7 +220,7 @@ def test_programming_error_in_delivery_fails_at_once(env, sshd, monkeypatch, htt
     def broken_deliver(*args, **kwargs):
         raise TypeError("deliver() got an unexpected keyword argument 'chunk'")
 
-    monkeypatch.setattr(export_assets, "deliver", broken_deliver)
+    monkeypatch.setattr(delivery_logic, "deliver", broken_deliver)
     with env["engine"].begin() as conn:
         add_campaign(conn, 20)
     result = export(env, 20, sftp_for(sshd, env["drop"]), alerts=webhook_alerts(http_receiver, env))
@@ -238,7 +238,7 @@ def test_programming_error_in_delivery_fails_at_once(env, sshd, monkeypatch, htt
 
 def test_transient_ssh_error_is_retried(env, sshd, monkeypatch):
     calls = []
-    real = export_assets.deliver
+    real = delivery_logic.deliver
 
     def flaky_deliver(*args, **kwargs):
         calls.append(1)
@@ -246,7 +246,7 @@ def test_transient_ssh_error_is_retried(env, sshd, monkeypatch):
             raise paramiko.SSHException("Server connection dropped: ")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(export_assets, "deliver", flaky_deliver)
+    monkeypatch.setattr(delivery_logic, "deliver", flaky_deliver)
     with env["engine"].begin() as conn:
         add_campaign(conn, 21, tenant_code="T021")
     result = export(env, 21, sftp_for(sshd, env["drop"]))
@@ -261,7 +261,7 @@ def test_built_files_gone_fails_at_once_with_what_to_do(env, sshd, tmp_path):
     assert export(env, 22, sftp_for(sshd, env["drop"]), instance).success
     Path(export_row(env, 22).local_manifest).unlink()  # the outbox was cleaned meanwhile
     result = dg.materialize(
-        [a for a in build_export_assets(delay=0) if DELIVERY_KEY in a.keys],
+        [a for a in export_assets if DELIVERY_KEY in a.keys],
         instance=instance,
         partition_key="22",
         resources={
@@ -272,7 +272,11 @@ def test_built_files_gone_fails_at_once_with_what_to_do(env, sshd, tmp_path):
         raise_on_error=False,
     )
     assert not result.success and delivery_attempts(result) == 1
-    assert "the built files are gone" in export_row(env, 22).error
+    failures = [e for e in result.all_events if e.is_step_failure]
+    assert "the built files are gone" in failures[0].step_failure_data.user_failure_data.description
+    # a failed *re*-send never downgrades a delivered revision: its files are on the drop
+    row = export_row(env, 22)
+    assert (row.status, row.error, row.attempts) == ("delivered", None, 2)
 
 
 def test_connection_cut_mid_upload_then_success_on_retry(env, sshd, cut_proxy):

@@ -13,14 +13,15 @@ from cfi_pipelines.assets.fallback import (
     fallback_key,
     fallback_run_config,
 )
-from cfi_pipelines.cfi_api import get_api_view
+from cfi_pipelines.clock import utcnow
 from cfi_pipelines.devtools.fake_cfi_api import FakeCfiApi
+from cfi_pipelines.fallback.api_client import get_api_view
+from cfi_pipelines.fallback.snapshots import list_snapshots, read_as_of, snapshot_name
 from cfi_pipelines.model import cfi_common as common
-from cfi_pipelines.refresh import read_status, refresh_view, utcnow
 from cfi_pipelines.resources.cfi_api import CfiApiResource
 from cfi_pipelines.resources.databases import DatabaseResource
-from cfi_pipelines.snapshots import list_snapshots, read_as_of, snapshot_name
-from cfi_pipelines.views import get_view
+from cfi_pipelines.views.refresh import read_status, refresh_view
+from cfi_pipelines.views.spec import get_view
 from tests.fixtures.http import API_TOKEN, free_port
 
 AS_OF = (utcnow() - timedelta(hours=1)).replace(microsecond=0)

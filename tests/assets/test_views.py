@@ -11,8 +11,12 @@ import sqlalchemy as sa
 
 from cfi_pipelines.assets.views import (
     VIEW_KEYS,
-    build_view_defs,
+    build_view_schedules,
+    check_views_job,
     freshness_severity,
+    refresh_views_job,
+    view_assets,
+    view_checks,
     view_key,
     view_op_name,
 )
@@ -23,14 +27,14 @@ from tests.fixtures.common import Databases
 
 
 def _defs(dbs: Databases) -> dg.Definitions:
-    return dg.Definitions.merge(
-        build_view_defs(),
-        dg.Definitions(
-            resources={
-                "cfi_source": DatabaseResource(url=dbs.source_url),
-                "cfi_common": DatabaseResource(url=dbs.common_url),
-            }
-        ),
+    return dg.Definitions(
+        assets=view_assets,
+        asset_checks=view_checks,
+        jobs=[refresh_views_job, check_views_job],
+        resources={
+            "cfi_source": DatabaseResource(url=dbs.source_url),
+            "cfi_common": DatabaseResource(url=dbs.common_url),
+        },
     )
 
 
@@ -188,10 +192,10 @@ def test_assets_carry_pools_and_freshness_policies(sqlite_dbs):
 
 
 def test_automation_is_on_by_default_and_off_with_cfi_automation(monkeypatch):
-    assert {s.default_status for s in build_view_defs().schedules} == {
+    assert {s.default_status for s in build_view_schedules()} == {
         dg.DefaultScheduleStatus.RUNNING
     }
     monkeypatch.setenv("CFI_AUTOMATION", "off")
-    assert {s.default_status for s in build_view_defs().schedules} == {
+    assert {s.default_status for s in build_view_schedules()} == {
         dg.DefaultScheduleStatus.STOPPED
     }

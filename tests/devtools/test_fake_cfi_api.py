@@ -88,7 +88,8 @@ def test_command_line_serves_until_stopped(api_source_url):
         [
             sys.executable,
             "-m",
-            "cfi_pipelines.devtools.fake_cfi_api",
+            "cfi_pipelines.cli",
+            "fake-cfi-api",
             "--port",
             str(port),
             "--source-url",

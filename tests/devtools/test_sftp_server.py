@@ -8,8 +8,8 @@ from cfi_pipelines.db import create_engine
 from cfi_pipelines.devtools.seed_mycfia import add_campaign
 from cfi_pipelines.devtools.sftp_server import DevSFTPServer, dev_sftp_resource
 from cfi_pipelines.exports import build_export, deliver
+from cfi_pipelines.exports.sftp_client import AuthError, HostKeyError
 from cfi_pipelines.model import mycfia
-from cfi_pipelines.resources.sftp import AuthError, HostKeyError
 
 
 @pytest.fixture

@@ -242,7 +242,7 @@ def test_dev_ui_in_a_browser_and_the_daemon_delivers(
     # The browser: the global asset graph and the views' group, rendered without an error
     SCREENSHOTS.mkdir(exist_ok=True)
     pages = {
-        SCREENSHOTS / "asset-graph.png": (f"{url}/asset-groups", ("cfi_common", "exports")),
+        SCREENSHOTS / "asset-graph.png": (f"{url}/asset-groups", ("cfi_common", "cfi_export")),
         SCREENSHOTS / "cfi_common-views.png": (
             f"{url}/locations/{LOCATION}/asset-groups/cfi_common",
             ("cfi_common", *VIEWS),

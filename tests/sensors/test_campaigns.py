@@ -8,7 +8,6 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from cfi_pipelines.assets.exports import build_export_assets, export_job
 from cfi_pipelines.db import create_engine
 from cfi_pipelines.devtools.seed_mycfia import add_campaign, valid_content
 from cfi_pipelines.model import mycfia
@@ -29,7 +28,7 @@ def db(tmp_path):
 
 @pytest.fixture
 def sensor():
-    return build_campaigns_sensor(export_job(build_export_assets(delay=0)))
+    return build_campaigns_sensor()
 
 
 def tick(sensor, url, cursor=None, instance=None):

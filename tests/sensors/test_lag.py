@@ -13,21 +13,21 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
-from cfi_pipelines.assets.fallback import fallback_key
-from cfi_pipelines.assets.views import build_view_defs, view_key
+from cfi_pipelines.assets.fallback import fallback_assets, fallback_key, fallback_snapshots_job
+from cfi_pipelines.assets.views import refresh_views_job, view_assets, view_key
+from cfi_pipelines.clock import utcnow
 from cfi_pipelines.db import create_engine
 from cfi_pipelines.devtools.fake_cfi_api import FakeCfiApi
 from cfi_pipelines.devtools.seed import seed_source
-from cfi_pipelines.fallback_defs import build_fallback_defs
+from cfi_pipelines.fallback.snapshots import list_snapshots
 from cfi_pipelines.model import cfi_common as common
-from cfi_pipelines.refresh import read_status, refresh_view, utcnow
-from cfi_pipelines.resources.alerts import AlertsResource
+from cfi_pipelines.resources.alerter import AlertsResource
 from cfi_pipelines.resources.cfi_api import CfiApiResource
 from cfi_pipelines.resources.databases import DatabaseResource
-from cfi_pipelines.sensors.alerts import build_alert_sensors
+from cfi_pipelines.sensors.health import build_alert_sensors
 from cfi_pipelines.sensors.lag import TAG_REQUEST, LagCursor, build_view_lag_sensor, probe_all
-from cfi_pipelines.snapshots import list_snapshots
-from cfi_pipelines.views import VIEWS
+from cfi_pipelines.views.refresh import read_status, refresh_view
+from cfi_pipelines.views.spec import VIEWS
 from tests.fixtures.common import Databases
 from tests.fixtures.http import API_TOKEN, free_port
 
@@ -118,9 +118,12 @@ def run_request(defs, instance, req: dg.RunRequest, raise_on_error=False):
 
 def all_defs(res):
     """The views and the fallback half, with the test's resources (as definitions.py merges them)."""
-    fb = build_fallback_defs()
-    mine = dg.Definitions(assets=fb.assets, jobs=fb.jobs, sensors=fb.sensors, resources=res)
-    return dg.Definitions.merge(build_view_defs(), mine)
+    return dg.Definitions(
+        assets=[*view_assets, *fallback_assets],
+        jobs=[refresh_views_job, fallback_snapshots_job],
+        sensors=[view_lag_sensor, view_health_alerts],
+        resources=res,
+    )
 
 
 # --------------------------------------------------------------------------- decisions

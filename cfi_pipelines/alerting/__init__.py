@@ -1,0 +1,1 @@
+"""Alerting: channels (Slack, webhook, e-mail), the once-per-episode alerter, the messages."""

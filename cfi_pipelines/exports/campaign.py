@@ -1,0 +1,164 @@
+"""Deliver one built campaign export: the whole attempt as a plain function.
+
+:func:`deliver_campaign` loads what ``campaign_files`` built, uploads it over one
+SFTP connection (:func:`cfi_pipelines.exports.delivery.deliver`), records the
+outcome in ``campaign_exports`` and returns a :class:`DeliveryOutcome` that says
+whether a retry can help. The Dagster asset only turns the outcome into a
+materialization or a ``Failure`` and alerts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import sqlalchemy as sa
+
+from cfi_pipelines.clock import utcnow
+from cfi_pipelines.db import write_transaction
+from cfi_pipelines.exports.delivery import BUG, PERMANENT, Delivery, classify_error, deliver
+from cfi_pipelines.exports.document import ExportBundle, load_bundle
+from cfi_pipelines.exports.errors import ExportError
+from cfi_pipelines.exports.records import latest_export, record_export, record_failed_attempt
+from cfi_pipelines.exports.sftp_client import EmbeddedServerDown, HostKeyError, SFTPConnection
+from cfi_pipelines.model import mycfia as model
+
+
+class NotDeliverable(ExportError):
+    """The campaign has no valid built export to deliver (rejected, or never built)."""
+
+
+@dataclass(frozen=True)
+class SFTPTarget:
+    """Where to deliver, and how to open a connection there."""
+
+    host: str
+    port: int
+    target: str  # user@host:port, for messages
+    remote_dir: str
+    open_session: Callable[[], AbstractContextManager[SFTPConnection]]
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """One delivery attempt's result. ``retry``: a later attempt may succeed."""
+
+    campaign_id: int
+    revision: int
+    status: Literal["delivered", "pending", "failed"]
+    message: str
+    retry: bool = False
+    error_type: str | None = None
+    bundle: ExportBundle | None = None
+    delivery: Delivery | None = None
+    write_size: int | None = None
+    seconds_from_validation: float | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.status == "delivered"
+
+    @property
+    def final_failure(self) -> bool:
+        """Failed for good: the operator must act (alert once)."""
+        return self.status == "failed"
+
+
+def deliver_campaign(
+    engine: sa.Engine, sftp: SFTPTarget, campaign_id: int, *, attempt: int, max_attempts: int
+) -> DeliveryOutcome:
+    """Attempt ``attempt`` (1-based) of ``max_attempts`` to deliver the campaign's newest
+    built revision. Raises :class:`NotDeliverable` when there is nothing valid to send."""
+    with engine.connect() as conn:
+        row = latest_export(conn, campaign_id)
+    if row is None or row.status == "rejected" or not row.local_manifest:
+        why = "was rejected:\n" + (row.error or "") if row is not None else "has not been built"
+        raise NotDeliverable(f"campaign {campaign_id} {why}")
+    revision = row.revision
+    where = f"campaign {campaign_id} r{revision} to {sftp.target}"
+
+    def failed(message: str, exc: BaseException, retry: bool) -> DeliveryOutcome:
+        with write_transaction(engine) as conn:
+            record_failed_attempt(conn, campaign_id, revision, message, final=not retry)
+        return DeliveryOutcome(
+            campaign_id,
+            revision,
+            "pending" if retry else "failed",
+            message,
+            retry=retry,
+            error_type=type(exc).__name__,
+            bundle=bundle,
+        )
+
+    bundle: ExportBundle | None = None
+    try:
+        bundle = load_bundle(Path(row.local_manifest), row.validated_at)
+    except (OSError, ValueError, KeyError) as exc:
+        return failed(
+            f"campaign {campaign_id} r{revision}: the built files are gone or damaged "
+            f"({type(exc).__name__}: {exc}). Rebuild them: re-materialize partition "
+            f"{campaign_id} of both export assets (`cfi-pipelines export {campaign_id} --force`).",
+            exc,
+            retry=False,
+        )
+    try:
+        with sftp.open_session() as session:  # one connection for all the files
+            delivery = deliver(session.sftp, bundle, sftp.remote_dir, session.write_size)
+    except Exception as exc:
+        kind = classify_error(exc)
+        detail = f"{type(exc).__name__}: {exc}"
+        if kind == BUG:
+            # A defect of the export code: the same code on the same data fails again.
+            return failed(
+                f"{where}: unexpected error in the export code, not retried: {detail}. "
+                "This is a bug, not a network problem: report it with this run's logs; "
+                f"once fixed, re-export with `cfi-pipelines export {campaign_id} --force`.",
+                exc,
+                retry=False,
+            )
+        if kind == PERMANENT:
+            hint = (
+                ""
+                if isinstance(exc, HostKeyError | EmbeddedServerDown)  # these say what to do
+                else " Check CFI_SFTP_USER, CFI_SFTP_KEY and the server's authorized_keys "
+                "and permissions on CFI_SFTP_DIR; retrying cannot help."
+            )
+            return failed(f"{where}: {detail}.{hint}", exc, retry=False)
+        final = attempt >= max_attempts
+        message = f"{where}, attempt {attempt}/{max_attempts}: {detail}"
+        if final:
+            message += (
+                f". The SFTP server {sftp.host}:{sftp.port} was unreachable or dropped the "
+                "connection on every attempt: check that it is up and reachable from Dagster "
+                f"(host, port, firewall), then `cfi-pipelines export {campaign_id} --force`."
+            )
+        return failed(message, exc, retry=not final)
+
+    delivered_at = utcnow()
+    latency = (delivered_at - bundle.validated_at).total_seconds() if bundle.validated_at else None
+    with write_transaction(engine) as conn:
+        record_export(
+            conn,
+            campaign_id,
+            revision,
+            status="delivered",
+            attempts=model.campaign_exports.c.attempts + 1,
+            delivered_at=delivered_at,
+            json_path=delivery.remote_paths["json"],
+            csv_path=delivery.remote_paths["csv"],
+            manifest_path=delivery.remote_paths["manifest"],
+            error=None,
+        )
+    return DeliveryOutcome(
+        campaign_id,
+        revision,
+        "delivered",
+        f"delivered {where} in {delivery.seconds:.2f}s (attempt {attempt})",
+        bundle=bundle,
+        delivery=delivery,
+        write_size=session.write_size,
+        seconds_from_validation=latency,
+    )

@@ -1,0 +1,45 @@
+"""The project's Dagster instance, used by the CLI (demo, refresh, export, dev).
+
+``DAGSTER_HOME`` when set; else ``CFI_HOME/dagster``, created with the local
+``dagster.yaml`` (the repository's own ``dagster.yaml``: one copy, no drift).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from cfi_pipelines.settings import get_settings, set_dagster_home
+
+LOCAL_DAGSTER_YAML = """\
+# Written by cfi-pipelines for the local instance (DAGSTER_HOME = CFI_HOME/dagster).
+telemetry:
+  enabled: false
+nux:
+  enabled: false
+concurrency:
+  pools:
+    # one refresh of a given view at a time (pool "cfi_view_<view>")
+    default_limit: 1
+"""
+
+
+def ensure_dagster_home() -> Path:
+    """The instance directory, created (with its dagster.yaml) when it is the default one,
+    and exported as ``DAGSTER_HOME`` for this process and its children."""
+    s = get_settings()
+    home = s.dagster_home
+    if s.dagster_home_env is None:
+        home.mkdir(parents=True, exist_ok=True)
+        config = home / "dagster.yaml"
+        if not config.exists():
+            config.write_text(LOCAL_DAGSTER_YAML)
+        set_dagster_home(home)
+    return home
+
+
+def local_instance() -> dg.DagsterInstance:
+    """The persistent instance the UI reads (runs launched from the CLI show there)."""
+    ensure_dagster_home()
+    return dg.DagsterInstance.get()

@@ -1,0 +1,99 @@
+"""``cfi-pipelines status``: views and exports at a glance, for humans and machines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from cfi_pipelines.clock import iso_z, utcnow
+from cfi_pipelines.db import engine_for
+from cfi_pipelines.model import mycfia
+from cfi_pipelines.settings import get_settings
+from cfi_pipelines.views.freshness import format_age, freshness_state, view_age
+from cfi_pipelines.views.refresh import read_status
+from cfi_pipelines.views.spec import VIEWS
+
+EXIT_OK, EXIT_INCIDENT = 0, 2
+
+
+def collect_status() -> dict[str, Any]:
+    """Views (age, rows, source, check state) and exports (counts by status)."""
+    s = get_settings()
+    now = utcnow()
+    out: dict[str, Any] = {"generated_at": iso_z(now), "views": [], "exports": {}, "problems": []}
+    try:
+        status = read_status(engine_for(s.common_url))
+    except sa.exc.SQLAlchemyError as exc:
+        status = {}
+        out["problems"].append(f"common DB unreachable: {type(exc).__name__}")
+    for spec in VIEWS:
+        row = status.get(spec.name) or {}
+        age = view_age(row, now)
+        state = freshness_state(age)
+        out["views"].append(
+            {
+                "view": spec.name,
+                "rows": row.get("rows"),
+                "source": row.get("source"),
+                "mode": row.get("mode"),
+                "last_success_at": iso_z(row.get("last_success_at")),
+                "age_s": round(age.total_seconds(), 1) if age is not None else None,
+                "freshness": state,
+                "consecutive_failures": row.get("consecutive_failures") or 0,
+                "error": row.get("error"),
+            }
+        )
+        if state == "ERROR":
+            out["problems"].append(f"view {spec.name}: {format_age(age)}")
+    try:
+        e = mycfia.campaign_exports.c
+        with engine_for(s.mycfia_url).connect() as conn:
+            latest = (
+                sa.select(e.campaign_id, sa.func.max(e.revision).label("revision"))
+                .group_by(e.campaign_id)
+                .subquery()
+            )
+            rows = conn.execute(
+                sa.select(e.status, sa.func.count(), sa.func.min(e.requested_at))
+                .select_from(
+                    mycfia.campaign_exports.join(
+                        latest,
+                        sa.and_(
+                            latest.c.campaign_id == e.campaign_id, latest.c.revision == e.revision
+                        ),
+                    )
+                )
+                .group_by(e.status)
+            ).all()
+        out["exports"] = {st: n for st, n, _ in rows}
+        oldest = [t for st, _, t in rows if st == "pending" and t is not None]
+        out["exports_oldest_pending"] = iso_z(min(oldest)) if oldest else None
+        if out["exports"].get("failed"):
+            out["problems"].append(
+                f"{out['exports']['failed']} campaign export(s) failed after their retries"
+            )
+    except sa.exc.SQLAlchemyError:
+        out["exports_error"] = "MyCfia DB unreachable or not seeded"
+    out["exit_code"] = EXIT_INCIDENT if out["problems"] else EXIT_OK
+    return out
+
+
+def format_status(st: dict[str, Any]) -> list[str]:
+    """The human-readable lines of :func:`collect_status`'s report."""
+    lines = [f"{'view':<11} {'rows':>9} {'source':<8} {'freshness':<9} age"]
+    for v in st["views"]:
+        err = f"  last error: {v['error']}" if v["error"] else ""
+        rows = v["rows"] if v["rows"] is not None else "-"
+        lines.append(
+            f"{v['view']:<11} {rows:>9} {v['source'] or '-':<8} "
+            f"{v['freshness']:<9} {format_age(v['age_s'])}{err}"
+        )
+    if st.get("exports_error"):
+        lines.append(f"exports: {st['exports_error']}")
+    else:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(st["exports"].items())) or "none yet"
+        pending = st.get("exports_oldest_pending")
+        lines.append(f"exports: {counts}" + (f" (oldest pending since {pending})" if pending else ""))
+    lines += [f"PROBLEM: {p}" for p in st["problems"]]
+    return lines
