@@ -220,6 +220,18 @@ def fake_cfi_api(
     return serve(host=host, port=port, source_url=source_url, token=token, faults=faults)
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--selftest", is_flag=True, help="run the refresh's SQL on scratch tables")
+@click.option("--send-test-alert", is_flag=True, help="send one test alert to every channel")
+@_exits
+def doctor(as_json: bool, selftest: bool, send_test_alert: bool) -> int:
+    """Check the configuration and every server it names (exit 1 when one fails)."""
+    from cfi_pipelines.ops.doctor import report
+
+    return report(as_json=as_json, selftest=selftest, send_test_alert=send_test_alert)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (``cfi-pipelines``); returns the exit code when called from Python."""
     try:

@@ -13,6 +13,7 @@ import dagster as dg
 
 from cfi_pipelines.assets.exports import campaign_export_job, export_assets
 from cfi_pipelines.assets.fallback import fallback_assets, fallback_snapshots_job
+from cfi_pipelines.assets.sources import source_assets
 from cfi_pipelines.assets.views import (
     build_view_schedules,
     check_views_job,
@@ -22,6 +23,7 @@ from cfi_pipelines.assets.views import (
 )
 from cfi_pipelines.resources import build_resources
 from cfi_pipelines.sensors.campaigns import build_campaigns_sensor
+from cfi_pipelines.sensors.changes import build_view_change_sensor
 from cfi_pipelines.sensors.health import build_alert_sensors
 from cfi_pipelines.sensors.lag import build_view_lag_sensor
 
@@ -32,11 +34,16 @@ def build_defs(**resource_overrides: object) -> dg.Definitions:
     ``resource_overrides`` replace resources by key (the demo points ``cfi_api`` at its
     embedded fake API)."""
     return dg.Definitions(
-        assets=[*view_assets, *fallback_assets, *export_assets],
+        assets=[*source_assets, *view_assets, *fallback_assets, *export_assets],
         asset_checks=view_checks,
         jobs=[refresh_views_job, check_views_job, fallback_snapshots_job, campaign_export_job],
         schedules=build_view_schedules(),
-        sensors=[build_view_lag_sensor(), build_campaigns_sensor(), *build_alert_sensors()],
+        sensors=[
+            build_view_change_sensor(),
+            build_view_lag_sensor(),
+            build_campaigns_sensor(),
+            *build_alert_sensors(),
+        ],
         resources={**build_resources(), **resource_overrides},
     )
 

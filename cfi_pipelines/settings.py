@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Literal
 
 import dagster as dg
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 FRESH_WINDOW = timedelta(minutes=5)
 """A view younger than this is healthy."""
@@ -137,6 +139,23 @@ def is_set(name: str) -> bool:
     return _env(name) is not None
 
 
+def _db_url(name: str, default: str) -> str:
+    """The SQLAlchemy URL in ``name`` (checked to parse: no connection is made), else ``default``."""
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        make_url(raw)
+    except ArgumentError:
+        raise ConfigError(
+            f"{name} is not a SQLAlchemy URL (it does not parse as dialect+driver://…): set it "
+            "to e.g. postgresql+psycopg://user:password@host:5432/db, "
+            "mssql+pyodbc://user:password@host/db?driver=ODBC+Driver+18+for+SQL+Server or "
+            "sqlite:////path/file.db, or unset it for the embedded SQLite default"
+        ) from None
+    return raw
+
+
 def _number(name: str, default: float, kind: type = int) -> float:
     raw = _env(name)
     if raw is None:
@@ -199,9 +218,9 @@ def get_settings() -> Settings:
     return Settings(
         home=home,
         environment=_environment(),
-        source_url=_env("CFI_SOURCE_URL") or _sqlite_url(home / "cfi_source.db"),
-        common_url=_env("CFI_COMMON_URL") or _sqlite_url(home / "cfi_common.db"),
-        mycfia_url=_env("MYCFIA_URL") or _sqlite_url(home / "mycfia.db"),
+        source_url=_db_url("CFI_SOURCE_URL", _sqlite_url(home / "cfi_source.db")),
+        common_url=_db_url("CFI_COMMON_URL", _sqlite_url(home / "cfi_common.db")),
+        mycfia_url=_db_url("MYCFIA_URL", _sqlite_url(home / "mycfia.db")),
         sftp_host=_env("CFI_SFTP_HOST"),
         sftp_port=int(_number("CFI_SFTP_PORT", 22)),
         sftp_user=_env("CFI_SFTP_USER"),

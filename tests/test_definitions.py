@@ -32,7 +32,11 @@ def test_loads_the_way_dagster_loads_it(tmp_path):
     dagster = Path(sys.executable).with_name("dagster")
     proc = subprocess.run(
         [str(dagster), "definitions", "validate", "-m", "cfi_pipelines.definitions"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=240,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not home.exists() and list(cwd.iterdir()) == []
@@ -46,7 +50,18 @@ def test_lists_everything_with_one_set_of_resources(tmp_path, monkeypatch):
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
     assert {f"cfi_common/{v}" for v in VIEWS} | {f"cfi_fallback/{v}" for v in VIEWS} <= keys
     assert {"cfi_export/campaign_files", "cfi_export/campaign_delivery"} <= keys
+    assert {"cfi_source/stock_levels", "cfi_source/payments"} <= keys  # observed, upstream
+    stocks = defs.resolve_assets_def(dg.AssetKey(["cfi_common", "stocks"]))
+    assert {
+        k.to_user_string() for k in stocks.asset_deps[dg.AssetKey(["cfi_common", "stocks"])]
+    } == {
+        "cfi_source/stock_levels",
+        "cfi_source/products",
+        "cfi_source/warehouses",
+    }
+    assert [s.name for s in defs.schedules] == ["refresh_views_full_nightly"]
     assert {s.name for s in defs.sensors} == {
+        "view_change_sensor",
         "view_lag_sensor",
         "validated_campaigns_sensor",
         "view_health_alerts",
@@ -55,7 +70,14 @@ def test_lists_everything_with_one_set_of_resources(tmp_path, monkeypatch):
     }
     for job in ("refresh_views", "fallback_snapshots", "campaign_export"):
         assert defs.resolve_job_def(job)
-    assert set(defs.resources) == {"cfi_source", "cfi_common", "mycfia", "sftp", "cfi_api", "alerts"}
+    assert set(defs.resources) == {
+        "cfi_source",
+        "cfi_common",
+        "mycfia",
+        "sftp",
+        "cfi_api",
+        "alerts",
+    }
     sftp = defs.resources["sftp"]
     assert (sftp.host, sftp.embedded, sftp.write_size) == ("127.0.0.1", True, 0)
     assert not (tmp_path / "sftp").exists()  # the dev server's keys: made by who starts it
@@ -121,7 +143,10 @@ def test_dg_checks_and_lists_the_definitions():
     )
     assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
     listed = subprocess.run(
-        [str(dg_cli), "list", "defs", "--json"], cwd=ROOT, capture_output=True, text=True,
+        [str(dg_cli), "list", "defs", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert listed.returncode == 0, listed.stderr[-3000:]

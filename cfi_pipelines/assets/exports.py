@@ -8,9 +8,11 @@ write the outcome to MyCfia's ``campaign_exports`` table, and alert (resource
 error no retry can fix), then "recovered" once the campaign is delivered.
 """
 
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
+import sqlalchemy as sa
 
 from cfi_pipelines.alerting import messages as alerting
 from cfi_pipelines.clock import utcnow
@@ -18,7 +20,8 @@ from cfi_pipelines.db import write_transaction
 from cfi_pipelines.exports.campaign import NotDeliverable, SFTPTarget, deliver_campaign
 from cfi_pipelines.exports.document import ExportBundle, build_export
 from cfi_pipelines.exports.errors import CampaignNotExportable
-from cfi_pipelines.exports.records import record_export
+from cfi_pipelines.exports.records import latest_export, record_export
+from cfi_pipelines.model import mycfia as model
 from cfi_pipelines.resources.alerter import AlertsResource
 from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.resources.sftp import SFTPResource
@@ -80,9 +83,9 @@ def _files_metadata(bundle: ExportBundle) -> dict[str, Any]:
         dg.AssetCheckSpec(
             CHECK_NAME,
             asset=FILES_KEY,
-            blocking=True,
             description="Every field of the campaign and of each target matches the JSON Schema; "
-            "a failure blocks the upload and marks the export 'rejected'.",
+            "a failure marks the export 'rejected' (errors in the metadata) and the delivery is "
+            "not attempted: a rejection is a failed check, never a failed delivery.",
         )
     ],
 )
@@ -104,14 +107,21 @@ def campaign_files(
             "requested_at": utcnow(),
             "validated_at": bundle.validated_at,
             "row_count": bundle.row_count,
-            "delivered_at": None,
         }
         if bundle.valid:
+            # a re-send of a delivered revision stays delivered (its files are on the drop)
+            # and keeps its first delivery time (the export latency is measured to it)
+            e = model.campaign_exports.c
+            was_delivered = conn.execute(
+                sa.select(e.status).where(
+                    e.campaign_id == campaign_id, e.revision == bundle.revision
+                )
+            ).scalar() == "delivered"
             record_export(
                 conn,
                 campaign_id,
                 bundle.revision,
-                status="pending",
+                status="delivered" if was_delivered else "pending",
                 error=None,
                 local_manifest=str(bundle.local_path("manifest")),
                 json_sha256=bundle.files["json"]["sha256"],
@@ -127,6 +137,7 @@ def campaign_files(
                 bundle.revision,
                 status="rejected",
                 error=bundle.error_text(),
+                delivered_at=None,
                 **common,
             )
     if not bundle.valid:
@@ -153,6 +164,9 @@ def campaign_files(
         severity=dg.AssetCheckSeverity.ERROR,
         description=None if bundle.valid else bundle.error_text(limit=10),
         metadata={
+            "campaign_id": campaign_id,
+            "partition": context.partition_key,
+            "revision": bundle.revision,
             "error_count": dg.MetadataValue.int(bundle.error_count),
             "errors": dg.MetadataValue.json(
                 [{"pointer": e.pointer, "message": e.message} for e in bundle.errors]
@@ -179,6 +193,9 @@ DELIVERY_RETRY_POLICY = dg.RetryPolicy(
     group_name=GROUP,
     kinds={"sftp"},
     retry_policy=DELIVERY_RETRY_POLICY,
+    # a rejected campaign is not delivered: no materialization, and the run succeeds
+    # (the failed check on campaign_files says why); an SFTP failure fails the run
+    output_required=False,
     description="The campaign's files on CFI's SFTP drop: "
     "`<CFI_SFTP_DIR>/<tenant>/campaign_<id>_r<rev>.json`, `.csv` and `.manifest.json`, "
     "the manifest last. Atomic and idempotent; retried 3 times with exponential backoff.",
@@ -188,10 +205,18 @@ def campaign_delivery(
     mycfia: DatabaseResource,
     sftp: SFTPResource,
     alerts: AlertsResource,
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """Upload the built files of the partition's campaign over one SFTP connection."""
     campaign_id = _campaign_id(context)
     attempt = context.retry_number + 1
+    with mycfia.engine().connect() as conn:
+        row = latest_export(conn, campaign_id)
+    if row is not None and row.status == "rejected":
+        context.log.warning(
+            f"campaign {campaign_id} r{row.revision} was rejected by validation: delivery not "
+            "attempted (see the failed valid_against_schema check of cfi_export/campaign_files)"
+        )
+        return
     target = SFTPTarget(sftp.host, sftp.port, sftp.target, sftp.remote_dir, sftp.session)
     try:
         outcome = deliver_campaign(
@@ -253,13 +278,14 @@ def campaign_delivery(
         outcome.revision,
         alerter=alerter,
     )
-    return dg.MaterializeResult(metadata=meta)
+    yield dg.MaterializeResult(metadata=meta)
 
 
 export_assets = [campaign_files, campaign_delivery]
 
 campaign_export_job = dg.define_asset_job(
     "campaign_export",
+    executor_def=dg.in_process_executor,  # a few steps: one process, not one per step
     selection=dg.AssetSelection.assets(FILES_KEY, DELIVERY_KEY),
     partitions_def=campaigns_partitions,
     description="Export one campaign (partition = campaign id): build, validate, upload over SFTP.",

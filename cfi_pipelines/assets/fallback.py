@@ -5,6 +5,12 @@ Each pulls the whole view from CFI's HTTP API into a Parquet snapshot under
 asks for it), swaps it into the view with the refresh's atomic swap, recorded as
 ``source = cfi_api`` with the API's ``as_of`` as the snapshot time. The asset
 shares the view's concurrency pool, so it never overlaps a refresh of that view.
+
+A snapshot gets its final name (becomes "the latest") only once it is accepted:
+swapped in, or not to be swapped (``swap=False``, common DB unreachable). Until the
+swap is accepted it sits under a hidden pending name; one that the swap refuses
+(``RefreshRefused``) or fails on is moved to ``snapshots/<view>/refused/``, so the
+latest snapshot stays the last good one (see :mod:`cfi_pipelines.fallback.snapshots`).
 """
 
 from pathlib import Path
@@ -21,13 +27,21 @@ from cfi_pipelines.fallback.api_client import (
     CfiApiError,
     CfiApiNotConfigured,
 )
-from cfi_pipelines.fallback.snapshots import Snapshot, parquet_loader, write_snapshot
+from cfi_pipelines.fallback.snapshots import (
+    Snapshot,
+    log_snapshot_attempt,
+    parquet_loader,
+    publish_snapshot,
+    refuse_snapshot,
+    write_snapshot,
+)
 from cfi_pipelines.resources.cfi_api import CfiApiResource
 from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.settings import get_settings
 from cfi_pipelines.views.refresh import (
     DEFAULT_MAX_DROP_SHARE,
     RefreshRefused,
+    SwapLockTimeout,
     init_common,
     record_failure,
     swap_in,
@@ -106,12 +120,25 @@ def build_fallback_asset(spec: ViewSpec) -> dg.AssetsDefinition:
         started_at = utcnow()
         try:
             with cfi_api.client() as client:
-                snap: Snapshot = write_snapshot(client, spec.name, root, keep=config.keep)
+                # not published yet: it becomes the latest only once accepted
+                snap: Snapshot = write_snapshot(
+                    client, spec.name, root, keep=config.keep, publish=False
+                )
         except (CfiApiError, CfiApiNotConfigured) as exc:
+            if not isinstance(
+                exc, CfiApiNotConfigured
+            ):  # an attempt that failed: the KPI counts it
+                log_snapshot_attempt(
+                    cfi_common.engine(),
+                    spec.name,
+                    started_at=started_at,
+                    outcome="failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                )
             raise _api_failure(spec, exc) from exc
         context.log.info(
             f"{spec.name}: {snap.rows} rows in {snap.pages} pages from the CFI API "
-            f"(as of {snap.as_of.isoformat()}Z) -> {snap.path}"
+            f"(as of {snap.as_of.isoformat()}Z)"
         )
         swapped = False
         if config.swap and _common_reachable(cfi_common.engine(), context.log):
@@ -127,6 +154,14 @@ def build_fallback_asset(spec: ViewSpec) -> dg.AssetsDefinition:
                     max_drop_share=config.max_drop_share,
                 )
             except BaseException as exc:
+                if isinstance(exc, SwapLockTimeout):  # a good snapshot; readers held the table
+                    snap = publish_snapshot(snap, root, keep=config.keep)
+                    raise dg.Failure(
+                        description=f"{exc} The snapshot is kept as the latest: {snap.path}",
+                        metadata={"view": spec.name, "snapshot": str(snap.path)},
+                    ) from exc
+                snap = refuse_snapshot(snap, root, keep=config.keep)  # never the latest
+                context.log.warning(f"{spec.name}: snapshot not swapped in, kept at {snap.path}")
                 record_failure(
                     engine,
                     spec.name,
@@ -138,13 +173,26 @@ def build_fallback_asset(spec: ViewSpec) -> dg.AssetsDefinition:
                 )
                 if isinstance(exc, RefreshRefused):
                     raise dg.Failure(
-                        description=f"{exc} The snapshot is kept at {snap.path}.",
+                        description=(
+                            f"{exc} The refused snapshot is kept apart at {snap.path}; "
+                            "the latest snapshot is still the last good one."
+                        ),
                         metadata={"view": spec.name, "snapshot": str(snap.path)},
                         allow_retries=False,
                     ) from exc
                 raise
             swapped = True
             context.log.info(f"{spec.name}: swapped into {spec.table_name} (source cfi_api)")
+        snap = publish_snapshot(snap, root, keep=config.keep)
+        if not swapped:  # swapped ones are in the refresh log already (swap_in writes it)
+            log_snapshot_attempt(
+                cfi_common.engine(),
+                spec.name,
+                started_at=started_at,
+                outcome="success",
+                rows=snap.rows,
+            )
+        context.log.info(f"{spec.name}: snapshot -> {snap.path}")
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": snap.rows,
@@ -171,6 +219,7 @@ FALLBACK_KEYS = [fallback_key(v.name) for v in VIEWS]
 
 fallback_snapshots_job = dg.define_asset_job(
     "fallback_snapshots",
+    executor_def=dg.in_process_executor,  # a few steps: one process, not one per step
     selection=dg.AssetSelection.assets(*FALLBACK_KEYS),
     description="Fallback snapshots from the CFI API (the lag sensor selects one view per run).",
 )

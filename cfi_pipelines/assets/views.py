@@ -4,19 +4,22 @@
 Thin: the refresh is :func:`cfi_pipelines.views.refresh.refresh_view`, the
 freshness rules are :mod:`cfi_pipelines.views.freshness`."""
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 import dagster as dg
 import sqlalchemy as sa
 
-from cfi_pipelines.clock import utcnow
+from cfi_pipelines.assets.sources import source_key
+from cfi_pipelines.clock import iso_z, utcnow
 from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.settings import FRESH_WINDOW, INCIDENT_WINDOW, default_schedule_status
 from cfi_pipelines.views.freshness import format_age, freshness_state, view_age
+from cfi_pipelines.views.probe import view_source_tables
 from cfi_pipelines.views.refresh import (
     DEFAULT_MAX_DROP_SHARE,
     RefreshRefused,
+    SwapLockTimeout,
     read_status,
     refresh_view,
 )
@@ -63,6 +66,7 @@ def build_view_asset(spec: ViewSpec) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=view_key(spec.name),
+        deps=[source_key(t.name) for t in view_source_tables(spec)],
         group_name=GROUP,
         description=f"{spec.description} Table `{spec.table_name}` in the common DB.",
         kinds={"sql"},
@@ -102,6 +106,10 @@ def build_view_asset(spec: ViewSpec) -> dg.AssetsDefinition:
                     "live_rows": exc.live_rows,
                 },
                 allow_retries=False,
+            ) from exc
+        except SwapLockTimeout as exc:  # readers hold the table: retried later, named
+            raise dg.Failure(
+                description=str(exc), metadata={"view": spec.name, "attempts": exc.attempts}
             ) from exc
         except sa.exc.OperationalError as exc:
             raise dg.Failure(
@@ -148,6 +156,25 @@ def freshness_severity(age: timedelta | None) -> tuple[bool, dg.AssetCheckSeveri
     return state == "PASS", severity
 
 
+def freshness_check_result(row: dict | None, now: datetime | None = None) -> dg.AssetCheckResult:
+    """The freshness check's result for a ``cfi_view_status`` row: the check run and the
+    change sensor (which reports it without a run) say the same thing."""
+    age = view_age(row, now)
+    passed, severity = freshness_severity(age)
+    return dg.AssetCheckResult(
+        passed=passed,
+        severity=severity,
+        description=format_age(age),
+        metadata={
+            "age_s": dg.FloatMetadataValue(age.total_seconds() if age is not None else None),
+            "warn_after_s": FRESH_WINDOW.total_seconds(),
+            "error_after_s": INCIDENT_WINDOW.total_seconds(),
+            "source": (row or {}).get("source") or "",
+            "source_snapshot_at": iso_z((row or {}).get("source_snapshot_at")) or "",
+        },
+    )
+
+
 def build_view_checks(spec: ViewSpec) -> list[dg.AssetChecksDefinition]:
     """Freshness (from ``cfi_view_status``: the DB is the truth) and not-empty."""
 
@@ -157,21 +184,7 @@ def build_view_checks(spec: ViewSpec) -> list[dg.AssetChecksDefinition]:
         description="Age of the data (now − source_snapshot_at): pass ≤ 5 min, WARN > 5 min, ERROR > 15 min.",
     )
     def freshness(cfi_common: DatabaseResource) -> dg.AssetCheckResult:
-        row = read_status(cfi_common.engine()).get(spec.name)
-        age = view_age(row)
-        passed, severity = freshness_severity(age)
-        return dg.AssetCheckResult(
-            passed=passed,
-            severity=severity,
-            description=format_age(age),
-            metadata={
-                "age_s": dg.FloatMetadataValue(age.total_seconds() if age is not None else None),
-                "warn_after_s": FRESH_WINDOW.total_seconds(),
-                "error_after_s": INCIDENT_WINDOW.total_seconds(),
-                "source": (row or {}).get("source") or "",
-                "source_snapshot_at": str((row or {}).get("source_snapshot_at") or ""),
-            },
-        )
+        return freshness_check_result(read_status(cfi_common.engine()).get(spec.name))
 
     @dg.asset_check(
         asset=view_key(spec.name),
@@ -213,11 +226,13 @@ VIEW_KEYS = [view_key(v.name) for v in VIEWS]
 
 refresh_views_job = dg.define_asset_job(
     "refresh_views",
+    executor_def=dg.in_process_executor,  # a few steps: one process, not one per step
     selection=dg.AssetSelection.assets(*VIEW_KEYS),
     description="Refresh the four views of the common DB (then run their checks).",
 )
 check_views_job = dg.define_asset_job(
     "check_views",
+    executor_def=dg.in_process_executor,
     selection=dg.AssetSelection.checks_for_assets(*VIEW_KEYS),
     description="Run the freshness and not-empty checks of the four views.",
 )
@@ -232,30 +247,19 @@ view_checks = [c for v in VIEWS for c in build_view_checks(v)]
 
 
 def build_view_schedules() -> list[dg.ScheduleDefinition]:
-    """The refresh and check schedules (built with the definitions: ``CFI_AUTOMATION`` is read then)."""
-    status = default_schedule_status()
+    """The nightly full refresh (built with the definitions: ``CFI_AUTOMATION`` is read then).
+
+    Incremental refreshes are change-driven (``view_change_sensor``), and the freshness
+    checks are reported by that sensor and by every refresh run: no clock-driven refresh
+    or check job runs during the day."""
     return [
-        dg.ScheduleDefinition(
-            name="refresh_views_every_5_minutes",
-            cron_schedule="*/5 * * * *",
-            job=refresh_views_job,
-            run_config=_run_config("auto"),
-            default_status=status,
-            description="Incremental refresh of the four views (full when a view has no watermark yet).",
-        ),
         dg.ScheduleDefinition(
             name="refresh_views_full_nightly",
             cron_schedule="0 2 * * *",
             job=refresh_views_job,
             run_config=_run_config("full"),
-            default_status=status,
-            description="Full refresh of the four views: reconciles deletions.",
-        ),
-        dg.ScheduleDefinition(
-            name="check_views_every_minute",
-            cron_schedule="* * * * *",
-            job=check_views_job,
-            default_status=status,
-            description="Freshness and not-empty checks of the four views.",
+            default_status=default_schedule_status(),
+            description="Full refresh of the four views: rebuilds each from scratch (indexes, "
+            "statistics) and repairs anything an incremental could not see.",
         ),
     ]

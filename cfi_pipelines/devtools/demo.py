@@ -261,20 +261,39 @@ def run_demo(scale: int = 1) -> int:
             validated = conn.execute(
                 sa.select(c.id, c.revision, c.name).where(c.status == "validated").order_by(c.id)
             ).all()
-        _step(6, f"exporting {len(validated)} validated campaigns (Dagster job campaign_export) …")
+            settled = {
+                (cid, rev): status
+                for cid, rev, status in conn.execute(
+                    sa.select(e.campaign_id, e.revision, e.status).where(
+                        e.status.in_(("delivered", "rejected"))
+                    )
+                )
+            }
+        planted = sum(planted_defect(name) is not None for _, _, name in validated)
+        _step(
+            6,
+            f"exporting the {len(validated)} campaigns MyCfia validated, {planted} of them "
+            "planted invalid (they must be rejected) (Dagster job campaign_export) …",
+        )
         job = defs.resolve_job_def("campaign_export")
         instance.add_dynamic_partitions("campaigns", [str(cid) for cid, _, _ in validated])
         drop_root = s.dev_sftp_dir / "root" if server is not None else None
         outcomes: list[CampaignOutcome] = []
         for i, (cid, rev, name) in enumerate(validated, 1):
             t0 = time.perf_counter()
-            job.execute_in_process(
-                instance=instance,
-                partition_key=str(cid),
-                run_config=QUIET_LOGS,
-                raise_on_error=False,
-                tags={**tags, "cfi/campaign_id": str(cid), "cfi/revision": str(rev)},
-            )
+            if (cid, rev) in settled:  # a re-run of the demo does not send the same revision again
+                _say(
+                    f"      {i}/{len(validated)} campaign {cid} r{rev}: already {settled[cid, rev]} "
+                    "(not sent again; `cfi-pipelines export ID --force` re-sends)"
+                )
+            else:
+                job.execute_in_process(
+                    instance=instance,
+                    partition_key=str(cid),
+                    run_config=QUIET_LOGS,
+                    raise_on_error=False,
+                    tags={**tags, "cfi/campaign_id": str(cid), "cfi/revision": str(rev)},
+                )
             with engine.connect() as conn:
                 row = conn.execute(
                     sa.select(mycfia.campaign_exports).where(
@@ -288,10 +307,11 @@ def run_demo(scale: int = 1) -> int:
             outcomes.append(out)
             if not out.ok:
                 problems.append(f"campaign {cid} r{rev}: {out.verdict}")
-            _say(
-                f"      {i}/{len(validated)} campaign {cid} r{rev} ({name[:32]!r}): {out.verdict}"
-                f"  ({time.perf_counter() - t0:.1f}s)"
-            )
+            if (cid, rev) not in settled:
+                _say(
+                    f"      {i}/{len(validated)} campaign {cid} r{rev} ({name[:32]!r}): "
+                    f"{out.verdict}  ({time.perf_counter() - t0:.1f}s)"
+                )
 
     st = collect_status()
     _say("\nViews:")

@@ -160,7 +160,9 @@ def run_dagster_dev(cmd: Sequence[str], env: dict[str, str], url: str) -> int:
         sig: signal.signal(sig, _on_signal)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }
-    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+    # cwd: the instance's own directory, so a dagster.yaml in the caller's directory is
+    # neither read nor warned about (the instance's is the one in DAGSTER_HOME)
+    proc = subprocess.Popen(list(cmd), env=env, cwd=env.get("DAGSTER_HOME"), start_new_session=True)
     code: int | None = None
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S

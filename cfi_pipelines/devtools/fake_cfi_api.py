@@ -62,10 +62,15 @@ class Faults:
     fail_500: int = 0  # the next N requests answer 500
     malformed: str | None = None  # one of MALFORMED_KINDS
     malformed_page: int = 1  # which page (1-based) is malformed
+    trickle_s: float = 0.0  # 200 bodies are sent one byte at a time, this many seconds apart
+    empty_page: int = 0  # this page (1-based) is empty but has a fresh next_cursor (0: off)
+    duplicate_page: int = 0  # this page (>= 2) starts again at the previous page's last row
 
     def __post_init__(self) -> None:
         if self.malformed is not None and self.malformed not in MALFORMED_KINDS:
             raise ValueError(f"malformed must be one of {MALFORMED_KINDS}, got {self.malformed!r}")
+        if self.duplicate_page == 1:
+            raise ValueError("duplicate_page repeats the previous page's last row: use >= 2")
 
 
 @dataclass
@@ -142,6 +147,7 @@ class FakeCfiApi:
         self.as_of = as_of  # fixed snapshot time (naive UTC); default: now at the first page
         self.log = RequestLog()
         self._lock = threading.Lock()
+        self._stopping = threading.Event()  # ends trickled bodies when the server stops
         self._httpd = ThreadingHTTPServer((host, port), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.app = self  # type: ignore[attr-defined]
@@ -165,6 +171,7 @@ class FakeCfiApi:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread:
@@ -202,18 +209,34 @@ class FakeCfiApi:
         sub = spec.query().subquery("v")
         keys = [sub.c[k] for k in spec.key]
         q = sa.select(sub).order_by(*keys).limit(limit + 1)  # one more: is there a next page?
+        number = cursor.page if cursor else 1
         if cursor is not None:
-            q = q.where(
-                keys[0] > cursor.after[0]
-                if len(keys) == 1
-                else sa.tuple_(*keys) > sa.tuple_(*cursor.after)
-            )
+            if number == self.faults.duplicate_page:  # keyset bug: >= instead of >
+                after = (
+                    keys[0] >= cursor.after[0]
+                    if len(keys) == 1
+                    else (sa.tuple_(*keys) >= sa.tuple_(*cursor.after))
+                )
+            else:
+                after = (
+                    keys[0] > cursor.after[0]
+                    if len(keys) == 1
+                    else (sa.tuple_(*keys) > sa.tuple_(*cursor.after))
+                )
+            q = q.where(after)
+        as_of = cursor.as_of if cursor else (self.as_of or utcnow()).isoformat() + "Z"
+        if number == self.faults.empty_page:  # nothing, yet "there is more"
+            after_key = cursor.after if cursor else [None] * len(keys)
+            return {
+                "items": [],
+                "next_cursor": _Cursor(after_key, number + 1, as_of).encode(),
+                "as_of": as_of,
+                "_page": number,
+            }
         with self.engine.connect() as conn:
             rows = conn.execute(q, spec.params()).all()
         more = len(rows) > limit
         rows = rows[:limit]
-        as_of = cursor.as_of if cursor else (self.as_of or utcnow()).isoformat() + "Z"
-        number = cursor.page if cursor else 1
         items = [
             {f.api_name: _json_value(f, v) for f, v in zip(mapping.fields, r, strict=True)}
             for r in rows
@@ -269,7 +292,18 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        trickle = self.app.faults.trickle_s if status == 200 else 0.0
+        if not trickle:
+            self.wfile.write(body)
+            return
+        for i in range(len(body)):  # a slow server: each read gets one byte
+            try:
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                return
+            if self.app._stopping.wait(trickle):
+                return
 
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps({"error": message}).encode(), headers)

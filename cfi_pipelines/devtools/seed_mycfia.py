@@ -222,7 +222,7 @@ def seed_mycfia(
                     segment, budget=float(rng.randint(5, 200) * 100), start=base + timedelta(days=i)
                 ),
                 "targets": targets,
-                "updated_at": now - timedelta(minutes=i),
+                "updated_at": now - timedelta(seconds=i),  # validated just now: a fair latency
             }
             if i < n_valid:
                 counts["validated"] += 1

@@ -12,17 +12,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 import sqlalchemy as sa
 
-from cfi_pipelines.clock import utcnow
+from cfi_pipelines.clock import iso_z, utcnow
 from cfi_pipelines.db import write_transaction
 from cfi_pipelines.exports.delivery import BUG, PERMANENT, Delivery, classify_error, deliver
 from cfi_pipelines.exports.document import ExportBundle, load_bundle
 from cfi_pipelines.exports.errors import ExportError
-from cfi_pipelines.exports.records import latest_export, record_export, record_failed_attempt
+from cfi_pipelines.exports.records import (
+    MAX_AUTO_RETRIES,
+    TRANSIENT,
+    latest_export,
+    record_delivered,
+    record_failed_attempt,
+)
+from cfi_pipelines.exports.records import PERMANENT as PERMANENT_FAILURE
 from cfi_pipelines.exports.sftp_client import EmbeddedServerDown, HostKeyError, SFTPConnection
 from cfi_pipelines.model import mycfia as model
 
@@ -44,7 +52,8 @@ class SFTPTarget:
 
 @dataclass(frozen=True)
 class DeliveryOutcome:
-    """One delivery attempt's result. ``retry``: a later attempt may succeed."""
+    """One delivery attempt's result. ``retry``: a later attempt of this run may succeed;
+    ``next_attempt_at``: a final transient failure that the sensor re-tries then."""
 
     campaign_id: int
     revision: int
@@ -56,6 +65,7 @@ class DeliveryOutcome:
     delivery: Delivery | None = None
     write_size: int | None = None
     seconds_from_validation: float | None = None
+    next_attempt_at: datetime | None = None
 
     @property
     def delivered(self) -> bool:
@@ -80,9 +90,26 @@ def deliver_campaign(
     revision = row.revision
     where = f"campaign {campaign_id} r{revision} to {sftp.target}"
 
-    def failed(message: str, exc: BaseException, retry: bool) -> DeliveryOutcome:
+    def failed(
+        message: str, exc: BaseException, retry: bool, *, transient: bool = False
+    ) -> DeliveryOutcome:
         with write_transaction(engine) as conn:
-            record_failed_attempt(conn, campaign_id, revision, message, final=not retry)
+            next_attempt_at = record_failed_attempt(
+                conn,
+                campaign_id,
+                revision,
+                message,
+                final=not retry,
+                kind=TRANSIENT if transient else PERMANENT_FAILURE,
+            )
+        if transient and not retry:
+            if next_attempt_at is not None:
+                message += (
+                    f" Meanwhile Dagster re-tries it automatically from {iso_z(next_attempt_at)} "
+                    f"(then with growing delays, at most {MAX_AUTO_RETRIES} re-tries)."
+                )
+            else:
+                message += f" Its {MAX_AUTO_RETRIES} automatic re-tries are spent."
         return DeliveryOutcome(
             campaign_id,
             revision,
@@ -91,6 +118,7 @@ def deliver_campaign(
             retry=retry,
             error_type=type(exc).__name__,
             bundle=bundle,
+            next_attempt_at=next_attempt_at,
         )
 
     bundle: ExportBundle | None = None
@@ -135,22 +163,20 @@ def deliver_campaign(
                 "connection on every attempt: check that it is up and reachable from Dagster "
                 f"(host, port, firewall), then `cfi-pipelines export {campaign_id} --force`."
             )
-        return failed(message, exc, retry=not final)
+        return failed(message, exc, retry=not final, transient=True)
 
     delivered_at = utcnow()
     latency = (delivered_at - bundle.validated_at).total_seconds() if bundle.validated_at else None
     with write_transaction(engine) as conn:
-        record_export(
+        record_delivered(
             conn,
             campaign_id,
             revision,
-            status="delivered",
-            attempts=model.campaign_exports.c.attempts + 1,
-            delivered_at=delivered_at,
+            # the first delivery time: a re-send does not move it (export latency KPI)
+            delivered_at=sa.func.coalesce(model.campaign_exports.c.delivered_at, delivered_at),
             json_path=delivery.remote_paths["json"],
             csv_path=delivery.remote_paths["csv"],
             manifest_path=delivery.remote_paths["manifest"],
-            error=None,
         )
     return DeliveryOutcome(
         campaign_id,

@@ -11,6 +11,7 @@ revision atomically replaces identical files.
 from __future__ import annotations
 
 import contextlib
+import logging
 import posixpath
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import paramiko
 from cfi_pipelines.exports.document import ExportBundle
 from cfi_pipelines.exports.errors import DeliveryError
 from cfi_pipelines.exports.sftp_client import SAFE_WRITE_SIZE, SFTPPermanentError
+
+log = logging.getLogger(__name__)
 
 WRITE_CHUNK = SAFE_WRITE_SIZE
 """Default bytes per SFTP write, which every server accepts; a connection opened by
@@ -73,17 +76,53 @@ def _rename_over(sftp: paramiko.SFTPClient, src: str, dst: str) -> None:
         sftp.rename(src, dst)
 
 
+LINK_LOST = (TimeoutError, EOFError, ConnectionError, paramiko.SSHException)
+"""What says the connection itself is gone or stalled (not an SFTP status from the server)."""
+
+
+def abandon(sftp: paramiko.SFTPClient, why: BaseException) -> None:
+    """Close the transport of ``sftp`` after ``why`` stalled or broke it.
+
+    On a black-holed connection every later request (closing the file: wait for
+    the pipelined acknowledgements; closing the session) would wait another
+    ``io_timeout`` for an answer that never comes: 60 s an attempt instead of 30.
+    A closed transport makes them all fail at once, so one attempt costs one
+    ``io_timeout``. (A stalled ``Packetizer`` write is also released by it.)"""
+    channel = sftp.get_channel()
+    transport = channel.get_transport() if channel is not None else None
+    if transport is not None and transport.is_active():
+        log.info("SFTP connection abandoned after %s: closing its transport", type(why).__name__)
+        transport.close()
+
+
 def upload_atomic(
     sftp: paramiko.SFTPClient, local: Path, remote: str, size: int, write_size: int = WRITE_CHUNK
 ) -> None:
     """Upload ``local`` to ``remote`` through ``remote.part``, size-checked, then renamed."""
     tmp = remote + ".part"
-    with open(local, "rb") as src, sftp.open(tmp, "wb", bufsize=0) as dst:
-        # Pipelined writes: don't wait for each acknowledgement (checked at close).
-        dst.set_pipelined(True)
-        dst.MAX_REQUEST_SIZE = max(write_size, dst.MAX_REQUEST_SIZE)  # paramiko splits above it
-        while chunk := src.read(write_size):
-            dst.write(chunk)
+    dst = sftp.open(tmp, "wb", bufsize=0)
+    try:
+        with open(local, "rb") as src:
+            # Pipelined writes: don't wait for each acknowledgement (checked at close).
+            dst.set_pipelined(True)
+            dst.MAX_REQUEST_SIZE = max(write_size, dst.MAX_REQUEST_SIZE)  # paramiko splits above
+            while chunk := src.read(write_size):
+                dst.write(chunk)
+        dst.close()  # waits for every pipelined acknowledgement
+    except LINK_LOST as exc:
+        abandon(sftp, exc)
+        dst.close()  # the transport is closed: returns at once (paramiko ignores the EOF)
+        raise
+    except BaseException:
+        # The server answered (e.g. disk full): the link works, close the handle; the
+        # first error is the one reported.
+        try:
+            dst.close()
+        except LINK_LOST as exc:
+            abandon(sftp, exc)
+        except Exception:  # noqa: S110 - the original error matters, this one follows from it
+            pass
+        raise
     remote_size = sftp.stat(tmp).st_size
     if remote_size != size:
         sftp.remove(tmp)
@@ -101,12 +140,16 @@ def deliver(
         )
     started = time.perf_counter()
     paths = remote_paths(bundle, remote_dir)
-    makedirs(sftp, posixpath.dirname(paths["json"]))
     total = 0
-    for kind in ORDER:
-        size = bundle.files[kind]["bytes"]
-        upload_atomic(sftp, bundle.local_path(kind), paths[kind], size, write_size)
-        total += size
+    try:
+        makedirs(sftp, posixpath.dirname(paths["json"]))
+        for kind in ORDER:
+            size = bundle.files[kind]["bytes"]
+            upload_atomic(sftp, bundle.local_path(kind), paths[kind], size, write_size)
+            total += size
+    except LINK_LOST as exc:  # a stalled stat/rename: closing the session must not wait again
+        abandon(sftp, exc)
+        raise
     return Delivery(remote_paths=paths, bytes=total, seconds=time.perf_counter() - started)
 
 
@@ -121,12 +164,20 @@ def classify_error(exc: BaseException) -> str:
     - ``permanent``: the server refused us (host key, authentication, no common
       algorithm) or forbids the write (permission denied): an operator must act.
     - ``transient``: the network or the server hiccuped (refused, reset or dropped
-      connection, timeout, SSH protocol error, size mismatch, I/O error): retry.
+      connection, also during authentication, timeout, SSH protocol error, size mismatch, I/O error): retry.
     - ``bug``: anything else (``KeyError``, ``TypeError``...) is a defect of the
       export code: retrying runs the same code on the same data, so it fails at once.
     """
     if isinstance(exc, SFTPPermanentError | PermissionError):
         return PERMANENT
+    if isinstance(exc, paramiko.AuthenticationException) and not isinstance(
+        exc, paramiko.BadAuthenticationType
+    ):
+        # paramiko's words for a transport that died (or never answered) mid-auth:
+        # no server refused anything (open_sftp raises AuthInterrupted for these)
+        text = str(exc).lower()
+        if "transport shut down" in text or "saw eof" in text or "timeout" in text:
+            return TRANSIENT
     if isinstance(exc, paramiko.AuthenticationException | paramiko.BadHostKeyException):
         return PERMANENT
     if isinstance(exc, paramiko.SSHException):

@@ -3,7 +3,7 @@
 Everything is checked against the JSON Schema before anything gets a final name:
 the document as a whole (jsonschema, once), then each target row
 (``$defs/target``) while the CSV streams to disk (100k targets are never held in
-memory). Rows go through a check compiled from the schema
+memory; only their ``client_reference``, which must be unique in the campaign). Rows go through a check compiled from the schema
 (:mod:`~cfi_pipelines.exports.fastcheck`, ~30x faster than jsonschema); only an
 invalid row is handed to jsonschema, for its errors. Every problem is reported
 with its JSON pointer; an invalid campaign yields an :class:`ExportBundle` with
@@ -119,6 +119,10 @@ def pointer(path: Any) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""C0, DEL, C1 and the Unicode line/paragraph separators: what ``$defs/line`` excludes."""
+
+
 def describe(error: ValidationError) -> str:
     """A readable, bounded message (never echoes a megabyte-long value)."""
     v = error.validator
@@ -128,7 +132,7 @@ def describe(error: ValidationError) -> str:
     if v == "minLength":
         return "must not be empty" if not value else f"is shorter than {error.validator_value}"
     if v == "pattern":
-        if isinstance(value, str) and re.search(r"[\x00-\x1f\x7f]", value):
+        if isinstance(value, str) and _CONTROL.search(value):
             return "contains a control character"
         pattern = str(error.validator_value)
         if pattern.endswith("\\Z"):  # shown as the schema file writes it (see with_ecma_anchors)
@@ -348,6 +352,7 @@ def _write_targets(conn: sa.Connection, row: dict[str, Any], path: Path, errors:
     is_valid = target_check()
     campaign_id, revision = row["id"], row["revision"]
     count = 0
+    first_index: dict[str, int] = {}  # client_reference -> index of its first target: O(n)
     with open(path, "w", encoding="utf-8", newline="") as stream:
         writer = open_writer(stream)
         writer.writerow(CSV_COLUMNS)
@@ -366,6 +371,15 @@ def _write_targets(conn: sa.Connection, row: dict[str, Any], path: Path, errors:
                     rec.pop("personalisation")
             if not is_valid(rec):  # fast; jsonschema only to explain a bad row
                 errors.add_schema_errors(target_validator, rec, base)
+            ref = rec.get("client_reference")
+            if isinstance(ref, str):
+                first = first_index.setdefault(ref, index)
+                if first != index:  # what a row-by-row schema cannot see
+                    errors.add(
+                        f"{base}/client_reference",
+                        f"duplicate client_reference {_short(ref)}: already used by "
+                        f"/targets/{first}",
+                    )
             count += 1
             if errors.count:
                 continue  # keep validating, stop writing: the file is discarded anyway

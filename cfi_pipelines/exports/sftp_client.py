@@ -54,6 +54,14 @@ class AuthError(SFTPPermanentError):
     """The server refused our key, or the key cannot be read."""
 
 
+class AuthInterrupted(ConnectionAbortedError):
+    """The connection died (EOF, reset, timeout) before the server answered our key.
+
+    Not a refusal: paramiko reports a transport that shut down mid-authentication
+    as an ``AuthenticationException``, but only a live server that answers "no"
+    has refused us. A ``ConnectionError``, hence transient: the delivery is retried."""
+
+
 class EmbeddedServerDown(SFTPPermanentError):
     """The embedded development SFTP server is not running: retrying cannot start it."""
 
@@ -211,6 +219,21 @@ def negotiate_write_size(
     return LARGE_WRITE_SIZE if banner.startswith("SSH-2.0-OpenSSH_") else SAFE_WRITE_SIZE
 
 
+def auth_was_refused(transport: paramiko.Transport, exc: paramiko.AuthenticationException) -> bool:
+    """True when ``exc`` is an explicit refusal by a live server (permanent).
+
+    paramiko raises ``AuthenticationException`` for a refusal ("Authentication
+    failed.", or ``BadAuthenticationType``: the server does not take keys), but also
+    when the transport died mid-authentication ("transport shut down or saw EOF")
+    or the server never answered ("Authentication timeout."): those two are
+    network failures, not refusals."""
+    if isinstance(exc, paramiko.BadAuthenticationType):
+        return True  # the server listed what it accepts: an answer, whatever the socket does now
+    if not transport.is_active():
+        return False  # dead transport: nobody refused anything
+    return "timeout" not in str(exc).lower()
+
+
 @dataclass
 class SFTPConnection:
     """An open SFTP session and its transport; close it with :meth:`close`.
@@ -243,8 +266,10 @@ def open_sftp(
     """Connect, verify the host key, authenticate with ``pkey``, open SFTP, and
     negotiate the write size (``write_size`` 0: automatic, see :func:`negotiate_write_size`).
 
-    Raises :class:`HostKeyError` / :class:`AuthError` (permanent) or ``OSError`` /
-    ``paramiko.SSHException`` (transient: refused, dropped, timed out).
+    Raises :class:`HostKeyError` / :class:`AuthError` (permanent: the live server
+    refused the key) or ``OSError`` / ``paramiko.SSHException`` (transient: refused,
+    dropped, timed out; a connection lost during authentication is
+    :class:`AuthInterrupted`, a ``ConnectionError``).
     """
     try:
         known = load_known_hosts(known_hosts)
@@ -273,10 +298,15 @@ def open_sftp(
         try:
             transport.auth_publickey(username, pkey)
         except paramiko.AuthenticationException as exc:
-            raise AuthError(
-                f"SFTP server {host_id(host, port)} refused the key {pkey.get_name()} {pkey.fingerprint} "
-                f"for user {username!r}: {exc}"
-            ) from None
+            if auth_was_refused(transport, exc):
+                raise AuthError(
+                    f"SFTP server {host_id(host, port)} refused the key {pkey.get_name()} "
+                    f"{pkey.fingerprint} for user {username!r}: {exc}"
+                ) from None
+            raise AuthInterrupted(
+                f"the connection to SFTP server {host_id(host, port)} was lost during "
+                f"authentication, before the server answered ({exc}): not a refusal, retry"
+            ) from exc
         channel = transport.open_session(window_size=window_size, timeout=connect_timeout)
         channel.settimeout(io_timeout)  # every later read/write on the session times out
         channel.invoke_subsystem("sftp")

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -35,6 +35,7 @@ import httpx
 import pyarrow as pa
 import sqlalchemy as sa
 
+from cfi_pipelines.clock import utcnow
 from cfi_pipelines.views.spec import VIEWS, ViewSpec
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,10 @@ class CfiApiAuthError(CfiApiError):
 
 class CfiApiUnavailable(CfiApiError):
     """Connection errors, timeouts, 429 or 5xx that outlasted the retries."""
+
+
+class CfiApiTimeout(CfiApiUnavailable):
+    """The whole snapshot did not complete within the client's ``max_snapshot_seconds``."""
 
 
 class CfiApiNotConfigured(Exception):
@@ -257,10 +262,17 @@ class ApiView:
     view: str
     path: str
     fields: tuple[ApiField, ...]
+    key: tuple[str, ...] = ()  # the view's natural key (ViewSpec.key): unique per snapshot
 
     @property
     def columns(self) -> list[str]:
         return [f.column for f in self.fields]
+
+    @property
+    def key_indexes(self) -> tuple[int, ...]:
+        """Positions of the key columns in a row."""
+        columns = self.columns
+        return tuple(columns.index(k) for k in self.key)
 
     @property
     def api_names(self) -> frozenset[str]:
@@ -286,6 +298,7 @@ def api_view_for(spec: ViewSpec) -> ApiView:
             )
             for c in spec.table.columns
         ),
+        key=tuple(spec.key),
     )
 
 
@@ -419,12 +432,35 @@ class ClientStats:
     waits: list[float] = field(default_factory=list)
 
 
+class _Overdue(Exception):
+    """A response that was not complete by its deadline (message = why)."""
+
+
+DEFAULT_RESPONSE_DEADLINE_S = 120.0
+DEFAULT_MAX_SNAPSHOT_SECONDS = 600.0
+DEFAULT_MAX_PAGES = 100_000
+DEFAULT_MAX_CLOCK_SKEW_S = 300.0
+
+
 class CfiApiClient:
-    """Reads whole views from the CFI API: pagination, retries, validation.
+    """Reads whole views from the CFI API: pagination, retries, validation, deadlines.
 
     ``max_concurrency`` bounds the requests in flight through this client (views
     read from several threads share it); ``sleep`` is the waiting function (the
     tests record what it is asked to wait).
+
+    httpx's ``read_timeout_s`` bounds each read only: a server that sends a byte
+    every few seconds, or paginates without end, would never trip it. So:
+
+    * ``response_deadline_s`` bounds the total time to receive one response (the body
+      is streamed and the deadline checked after each chunk, and no single read may
+      wait longer than what is left): an overdue response is retried like a timeout;
+    * ``max_snapshot_seconds`` bounds a whole :meth:`iter_pages` read, retries and
+      waits included (:class:`CfiApiTimeout`, not retried);
+    * ``max_pages`` bounds the number of pages, and an empty page that still has a
+      ``next_cursor`` is a contract error (an API that paginates without end);
+    * an ``as_of`` later than now + ``max_clock_skew_s`` is a contract error;
+    * the view's key (``ViewSpec.key``) must be unique across the pages of one read.
     """
 
     def __init__(
@@ -439,6 +475,10 @@ class CfiApiClient:
         max_backoff_s: float = 60.0,
         page_size: int = 1000,
         max_concurrency: int = 4,
+        response_deadline_s: float = DEFAULT_RESPONSE_DEADLINE_S,
+        max_snapshot_seconds: float = DEFAULT_MAX_SNAPSHOT_SECONDS,
+        max_pages: int = DEFAULT_MAX_PAGES,
+        max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
         sleep: Callable[[float], None] = time.sleep,
     ):
         if not base_url:
@@ -450,6 +490,12 @@ class CfiApiClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.response_deadline_s = response_deadline_s
+        self.max_snapshot_seconds = max_snapshot_seconds
+        self.max_pages = max(1, max_pages)
+        self.max_clock_skew_s = max_clock_skew_s
         self.stats = ClientStats()
         self._sleep = sleep
         self._gate = threading.BoundedSemaphore(max(1, max_concurrency))
@@ -479,7 +525,42 @@ class CfiApiClient:
             delay = max(delay, retry_after)  # the server knows best
         return min(delay, self.max_backoff_s)
 
-    def _get(self, mapping: ApiView, cursor: str | None, number: int) -> tuple[httpx.Response, int]:
+    def _snapshot_overdue(self, where: dict[str, Any], problem: str = "") -> CfiApiTimeout:
+        return CfiApiTimeout(
+            f"the snapshot did not complete within max_snapshot_seconds="
+            f"{self.max_snapshot_seconds:g}s" + (f" ({problem})" if problem else ""),
+            hint=(
+                "The CFI API is too slow or paginates without end; nothing was loaded. "
+                "Retry later, raise CfiApiResource.max_snapshot_seconds if the view is "
+                "really that large, or ask CFI"
+            ),
+            **where,
+        )
+
+    def _fetch(
+        self, path: str, params: dict[str, Any], until: float, why: str
+    ) -> tuple[int, httpx.Headers, bytes]:
+        """One GET, its body streamed and complete by ``until`` (monotonic) or :class:`_Overdue`."""
+        left = until - time.monotonic()
+        if left <= 0:
+            raise _Overdue(why)
+        read = max(0.001, min(self.read_timeout_s, left))  # no read may outlast the deadline
+        timeout = httpx.Timeout(read, connect=min(self.connect_timeout_s, read))
+        with self._http.stream("GET", path, params=params, timeout=timeout) as resp:
+            body = bytearray()
+            for chunk in resp.iter_bytes():
+                body += chunk
+                if time.monotonic() > until:
+                    raise _Overdue(f"{why}; {len(body)} bytes received")
+            return resp.status_code, resp.headers, bytes(body)
+
+    def _get(
+        self, mapping: ApiView, cursor: str | None, number: int, deadline: float | None = None
+    ) -> tuple[bytes, int]:
+        """The body of one 200 response (retried), and the attempts it took.
+
+        ``deadline`` (monotonic) is the whole snapshot's: past it, :class:`CfiApiTimeout`.
+        """
         params: dict[str, Any] = {"limit": self.page_size}
         if cursor is not None:
             params["cursor"] = cursor
@@ -488,17 +569,25 @@ class CfiApiClient:
         while True:
             attempt += 1
             retry_after: float | None = None
+            status: int | None = None
+            until = time.monotonic() + self.response_deadline_s
+            why = f"the response was not complete within {self.response_deadline_s:g}s"
+            if deadline is not None and deadline < until:
+                until = deadline
+                why = "the snapshot's deadline passed while reading the response"
             try:
                 with self._gate:
                     self.stats.requests += 1
-                    resp = self._http.get(mapping.path, params=params)
+                    status, headers, content = self._fetch(mapping.path, params, until, why)
+            except _Overdue as exc:
+                if deadline is not None and until == deadline:
+                    raise self._snapshot_overdue(where, str(exc)) from None
+                problem = str(exc)
             except httpx.TransportError as exc:  # connect errors, timeouts, protocol errors
                 problem = f"{type(exc).__name__}: {exc or 'no detail'}"
-                status = None
             else:
-                if resp.status_code == 200:
-                    return resp, attempt
-                status = resp.status_code
+                if status == 200:
+                    return content, attempt
                 if status in (401, 403):
                     raise CfiApiAuthError(
                         f"HTTP {status}: the API refused the token",
@@ -507,14 +596,17 @@ class CfiApiClient:
                         **where,
                     )
                 if status != 429 and status < 500:
+                    text = content.decode("utf-8", "replace")
                     raise CfiApiError(
-                        f"HTTP {status}: {resp.text[:200]!r}",
+                        f"HTTP {status}: {text[:200]!r}",
                         status=status,
                         hint=f"Check CFI_API_URL ({self.base_url}) and the API path",
                         **where,
                     )
-                retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(headers.get("Retry-After"))
                 problem = f"HTTP {status}"
+            if deadline is not None and time.monotonic() >= deadline:
+                raise self._snapshot_overdue(where, problem)
             if attempt > self.max_retries:
                 raise CfiApiUnavailable(
                     f"{problem}, still failing after {attempt} attempts",
@@ -523,6 +615,10 @@ class CfiApiClient:
                     **where,
                 )
             delay = self._backoff(attempt, retry_after)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                raise self._snapshot_overdue(
+                    where, f"{problem}; the next retry is {delay:.1f}s away"
+                )
             log.warning(
                 "CFI API %s page %d: %s; retry %d/%d in %.2fs",
                 mapping.view,
@@ -537,20 +633,81 @@ class CfiApiClient:
             self.stats.waits.append(delay)
             self._sleep(delay)
 
-    def get_page(self, view: str, cursor: str | None = None, number: int = 1) -> Page:
-        """One page of ``view`` (retried, validated)."""
+    def get_page(
+        self,
+        view: str,
+        cursor: str | None = None,
+        number: int = 1,
+        *,
+        deadline: float | None = None,
+    ) -> Page:
+        """One page of ``view`` (retried, validated; ``deadline``: see :meth:`_get`)."""
         mapping = get_api_view(view)
-        resp, attempts = self._get(mapping, cursor, number)
-        rows, next_cursor, as_of = parse_page(mapping, resp.content, number=number, cursor=cursor)
-        return Page(view, number, cursor, rows, next_cursor, as_of, len(resp.content), attempts)
+        content, attempts = self._get(mapping, cursor, number, deadline)
+        rows, next_cursor, as_of = parse_page(mapping, content, number=number, cursor=cursor)
+        latest = utcnow() + timedelta(seconds=self.max_clock_skew_s)
+        if as_of > latest:
+            raise CfiApiContractError(
+                f"as_of {as_of.isoformat()}Z is in the future (later than now + "
+                f"{self.max_clock_skew_s:g}s, {latest.isoformat(timespec='seconds')}Z)",
+                view=view,
+                page=number,
+                cursor=cursor,
+                field="as_of",
+                hint=(
+                    "The API's clock or data is wrong; nothing was loaded (a future as_of "
+                    "would make the view look fresh). Ask CFI to check the API's as_of"
+                ),
+            )
+        return Page(view, number, cursor, rows, next_cursor, as_of, len(content), attempts)
 
     def iter_pages(self, view: str) -> Iterator[Page]:
-        """Every page of ``view``, following ``next_cursor`` until it is null."""
+        """Every page of ``view``, following ``next_cursor`` until it is null.
+
+        Bounded by ``max_snapshot_seconds`` (from the first request, the caller's work
+        between pages included) and ``max_pages``; raises a :class:`CfiApiContractError`
+        on an empty page with a ``next_cursor``, a ``next_cursor`` seen before, or a key
+        seen before (the caller publishes nothing then).
+        """
+        mapping = get_api_view(view)
+        deadline = time.monotonic() + self.max_snapshot_seconds
+        key_at = mapping.key_indexes
+        keys: dict[tuple, int] = {}  # key -> page it was first seen on
         cursor: str | None = None
         seen: set[str] = set()
         number = 1
+        hint = "The API does not follow the contract; nothing was loaded"
         while True:
-            page = self.get_page(view, cursor, number)
+            where = {"view": view, "page": number, "cursor": cursor}
+            if time.monotonic() >= deadline:
+                raise self._snapshot_overdue(where, f"{number - 1} pages read")
+            page = self.get_page(view, cursor, number, deadline=deadline)
+            if key_at:
+                for i, row in enumerate(page.rows):
+                    key = tuple(row[k] for k in key_at)
+                    first = keys.get(key)
+                    if first is not None:
+                        shown = ", ".join(
+                            f"{c}={v!r}" for c, v in zip(mapping.key, key, strict=True)
+                        )
+                        raise CfiApiContractError(
+                            f"duplicate key ({shown}), already returned on page {first}",
+                            item=i,
+                            hint=(
+                                "The view's key must be unique; the API returned a row twice "
+                                "(a pagination bug?); nothing was loaded. Ask CFI to fix it"
+                            ),
+                            **where,
+                        )
+                    keys[key] = number
+            if not page.rows and page.next_cursor is not None:
+                raise CfiApiContractError(
+                    f"an empty page with a next_cursor ({page.next_cursor!r}): the API "
+                    "paginates without end",
+                    field="next_cursor",
+                    hint=hint + "; ask CFI to fix the pagination",
+                    **where,
+                )
             yield page
             if page.next_cursor is None:
                 return
@@ -561,6 +718,16 @@ class CfiApiClient:
                     page=number,
                     cursor=cursor,
                     field="next_cursor",
+                )
+            if number >= self.max_pages:
+                raise CfiApiContractError(
+                    f"still a next_cursor after max_pages={self.max_pages} pages",
+                    field="next_cursor",
+                    hint=(
+                        "The API paginates without end; nothing was loaded. If the view is "
+                        "really that large, raise CfiApiResource.max_pages or page_size"
+                    ),
+                    **where,
                 )
             seen.add(page.next_cursor)
             cursor, number = page.next_cursor, number + 1

@@ -6,6 +6,14 @@ is written under a temporary name and renamed only once the last page is in:
 a failed read leaves no snapshot behind, never a partial one under a final name.
 The snapshot is then swapped into the common DB by the refresh engine's atomic
 swap, streamed back from the Parquet file in batches.
+
+"The latest snapshot" (:func:`list_snapshots`) is always the last *good* one: a
+snapshot to be swapped in is written with ``publish=False`` under a hidden pending
+name (``.<view>_<as_of>.parquet.<random>.pending``), and gets its final name only once the
+swap is accepted (:func:`publish_snapshot`). One that the swap refuses (the row-count
+guard's ``RefreshRefused``) or fails is moved to ``<view>/refused/``
+(:func:`refuse_snapshot`), kept there for inspection but never read as the latest,
+and pruned like the published ones.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -23,8 +31,10 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from cfi_pipelines.clock import utcnow
 from cfi_pipelines.db import BATCH_ROWS, insert_rows, write_transaction
 from cfi_pipelines.fallback.api_client import CfiApiClient, get_api_view
+from cfi_pipelines.model import cfi_common as common
 from cfi_pipelines.views.refresh import Loader
 
 log = logging.getLogger(__name__)
@@ -54,8 +64,16 @@ class Snapshot:
     duration_s: float
 
 
+REFUSED_DIR = "refused"
+
+
 def snapshot_dir(root: Path, view: str) -> Path:
     return root / view
+
+
+def refused_dir(root: Path, view: str) -> Path:
+    """Where snapshots the swap refused are kept apart (never read as the latest)."""
+    return snapshot_dir(root, view) / REFUSED_DIR
 
 
 def snapshot_name(view: str, as_of: datetime) -> str:
@@ -63,26 +81,37 @@ def snapshot_name(view: str, as_of: datetime) -> str:
     return f"{view}_{as_of.strftime(AS_OF_FORMAT)}.parquet"
 
 
-def list_snapshots(root: Path, view: str) -> list[Path]:
-    """The view's published snapshots, oldest first."""
-    directory = snapshot_dir(root, view)
+def _listed(directory: Path, view: str) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.glob(f"{view}_*.parquet") if p.is_file())
 
 
+def list_snapshots(root: Path, view: str) -> list[Path]:
+    """The view's published (good) snapshots, oldest first: the last is the latest."""
+    return _listed(snapshot_dir(root, view), view)
+
+
+def list_refused(root: Path, view: str) -> list[Path]:
+    """The view's refused snapshots, oldest first."""
+    return _listed(refused_dir(root, view), view)
+
+
 def prune_snapshots(root: Path, view: str, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` snapshots (and stale temp files); returns the deleted."""
+    """Delete all but the newest ``keep`` snapshots, published and refused alike (and stale
+    temp/pending files); returns the deleted."""
     removed = []
-    for path in list_snapshots(root, view)[: -keep if keep > 0 else None]:
+    cut = -keep if keep > 0 else None
+    for path in list_snapshots(root, view)[:cut] + list_refused(root, view)[:cut]:
         path.unlink(missing_ok=True)
         removed.append(path)
     directory = snapshot_dir(root, view)
     if directory.is_dir():
-        for tmp in directory.glob(f".{view}_*.tmp"):
-            if time.time() - tmp.stat().st_mtime > STALE_TEMP_S:
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
+        for pattern in (f".{view}_*.tmp", f".{view}_*.pending"):
+            for tmp in directory.glob(pattern):
+                if time.time() - tmp.stat().st_mtime > STALE_TEMP_S:
+                    tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
     return removed
 
 
@@ -104,8 +133,13 @@ def write_snapshot(
     *,
     keep: int = 5,
     compression: str = COMPRESSION,
+    publish: bool = True,
 ) -> Snapshot:
     """Pull the whole of ``view`` from the API into ``root/<view>/<view>_<as_of>.parquet``.
+
+    ``publish=False``: the file is left under a hidden pending name (not listed, not
+    pruned); the caller then calls :func:`publish_snapshot` once the swap is accepted,
+    or :func:`refuse_snapshot`.
 
     Raises the client's :class:`~cfi_pipelines.fallback.api_client.CfiApiError` on any bad or
     missing page, after removing the temporary file.
@@ -143,13 +177,17 @@ def write_snapshot(
             writer.add_key_value_metadata({"cfi.as_of": as_of.isoformat(), "cfi.rows": str(rows)})
         with open(tmp, "rb+") as fh:  # durable before it gets its final name
             os.fsync(fh.fileno())
-        final = directory / snapshot_name(view, as_of)
+        name = snapshot_name(view, as_of)
+        if not publish:  # hidden: neither listed nor pruned until accepted
+            name = f".{name}.{secrets.token_hex(4)}.pending"
+        final = directory / name
         os.replace(tmp, final)
         _fsync_dir(directory)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    prune_snapshots(root, view, max(1, keep))  # never the snapshot just written
+    if publish:
+        prune_snapshots(root, view, max(1, keep))  # never the snapshot just written
     return Snapshot(
         view=view,
         path=final,
@@ -161,6 +199,32 @@ def write_snapshot(
         as_of=as_of,
         duration_s=time.perf_counter() - started,
     )
+
+
+def _move(snap: Snapshot, directory: Path) -> Snapshot:
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / snapshot_name(snap.view, snap.as_of)
+    os.replace(snap.path, final)
+    _fsync_dir(directory)
+    return replace(snap, path=final)
+
+
+def publish_snapshot(snap: Snapshot, root: Path, *, keep: int = 5) -> Snapshot:
+    """Give a pending snapshot (``write_snapshot(publish=False)``) its final name: it
+    becomes the latest. Prunes to ``keep``. A published one is returned as is."""
+    if not snap.path.name.endswith(".pending"):
+        return snap
+    out = _move(snap, snapshot_dir(root, snap.view))
+    prune_snapshots(root, snap.view, max(1, keep))
+    return out
+
+
+def refuse_snapshot(snap: Snapshot, root: Path, *, keep: int = 5) -> Snapshot:
+    """Move a snapshot the swap refused (or failed on) to ``<view>/refused/``: kept for
+    inspection, never read as the latest. Prunes to ``keep``."""
+    out = _move(snap, refused_dir(root, snap.view))
+    prune_snapshots(root, snap.view, max(1, keep))
+    return out
 
 
 def read_as_of(path: Path) -> datetime | None:
@@ -190,3 +254,38 @@ def parquet_loader(path: Path, view: str, target: Engine) -> Loader:
             return insert_rows(conn, staging, rows(), columns)
 
     return load
+
+
+def log_snapshot_attempt(
+    engine: sa.Engine,
+    view: str,
+    *,
+    started_at: datetime,
+    outcome: str,
+    rows: int | None = None,
+    error: str | None = None,
+) -> bool:
+    """Record a fallback snapshot that was not swapped in (Parquet only, or failed at the API)
+    in ``cfi_refresh_log`` (``mode='snapshot'``, ``source='cfi_api'``), so the fallback KPI
+    counts every attempt. ``source_snapshot_at`` stays empty: the view's data did not change,
+    so the freshness KPI ignores the row. Best effort (the common DB may be the thing that is
+    down): False when it could not be written."""
+    now = utcnow()
+    try:
+        with write_transaction(engine) as conn:
+            conn.execute(
+                common.cfi_refresh_log.insert().values(
+                    view=view,
+                    started_at=started_at,
+                    finished_at=now,
+                    mode="snapshot",
+                    source="cfi_api",
+                    outcome=outcome,
+                    rows=rows,
+                    duration_s=(now - started_at).total_seconds(),
+                    error=error[:4000] if error else None,
+                )
+            )
+    except sa.exc.SQLAlchemyError:
+        return False
+    return True

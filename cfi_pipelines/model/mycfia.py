@@ -77,7 +77,18 @@ campaign_exports = sa.Table(
     sa.Column("requested_at", sa.DateTime, nullable=False),
     sa.Column("delivered_at", sa.DateTime, nullable=True),
     sa.Column("updated_at", sa.DateTime, nullable=False),
+    # Of a 'failed' row: "transient" (SFTP down: retried later by the sensor) or
+    # "permanent" (host key, auth, bug, files gone: the operator must act).
+    sa.Column("failure_kind", sa.String(16), nullable=True),
+    # Delivery runs of this revision that ended failed-transient (the backoff's exponent
+    # and the bound of automatic re-tries); None counts as 0.
+    sa.Column("transient_failures", sa.Integer, nullable=True),
+    # When the sensor requests the next automatic re-try of a failed-transient row;
+    # None: not retried automatically (delivered, permanent, or re-tries exhausted).
+    sa.Column("next_attempt_at", sa.DateTime, nullable=True),
     # One row per (campaign, revision): a re-export updates it (attempts grow).
     sa.UniqueConstraint("campaign_id", "revision", name="uq_campaign_exports_campaign_revision"),
     sa.Index("ix_campaign_exports_status", "status"),
+    # The sensor reads "failed, next attempt due" every tick.
+    sa.Index("ix_campaign_exports_status_next_attempt_at", "status", "next_attempt_at"),
 )

@@ -1,7 +1,8 @@
 """The project's Dagster instance, used by the CLI (demo, refresh, export, dev).
 
 ``DAGSTER_HOME`` when set; else ``CFI_HOME/dagster``, created with the local
-``dagster.yaml`` (the repository's own ``dagster.yaml``: one copy, no drift).
+``dagster.yaml`` (the same text as the repository's ``dagster.yaml``; a test keeps
+them equal). Dagster's own CLI lands there with ``export DAGSTER_HOME=$PWD/.cfi/dagster``.
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ import dagster as dg
 from cfi_pipelines.settings import get_settings, set_dagster_home
 
 LOCAL_DAGSTER_YAML = """\
-# Written by cfi-pipelines for the local instance (DAGSTER_HOME = CFI_HOME/dagster).
+# Local instance (dagster dev / the demo). Production: deploy/dagster.yaml.
 telemetry:
   enabled: false
 nux:
   enabled: false
 concurrency:
   pools:
-    # one refresh of a given view at a time (pool "cfi_view_<view>")
+    # one refresh of a given view at a time: every view asset (and its fallback
+    # snapshot) runs in the pool "cfi_view_<view>".
     default_limit: 1
+run_retries:
+  enabled: true
+  max_retries: 0
 """
+"""The local instance's dagster.yaml: the repository's ``dagster.yaml``, word for word (tested)."""
 
 
 def ensure_dagster_home() -> Path:

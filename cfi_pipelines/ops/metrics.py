@@ -173,8 +173,9 @@ class MetricsConfig:
             common_url=s.common_url,
             mycfia_url=s.mycfia_url,
             source_url=s.source_url,
-            sftp_host=s.sftp_host,
-            sftp_port=s.sftp_port,
+            # locally the embedded development server: cfi_sftp_up is always served
+            sftp_host="127.0.0.1" if s.local else s.sftp_host,
+            sftp_port=s.dev_sftp_port if s.local else s.sftp_port,
             probe_tenant=probe_tenant,
         )
 
@@ -248,8 +249,7 @@ class CfiCollector(Collector):
                 log.warning("metrics: %s DB unreadable: %s: %s", db, type(exc).__name__, exc)
             up.add_metric([db], 1.0 if ok else 0.0)
         yield up
-        if self.config.sftp_host:
-            yield self._sftp_up()
+        yield self._sftp_up()  # always: an unset host is "down", never an empty panel
         yield from families
         yield self._probes.family()
         yield GaugeMetricFamily(
@@ -462,6 +462,13 @@ class CfiCollector(Collector):
         """TCP connect and SSH banner of CFI's SFTP server (no login)."""
         host, port = self.config.sftp_host or "", self.config.sftp_port
         ok = 0.0
+        if not host:
+            log.warning("metrics: no SFTP host configured (CFI_SFTP_HOST): cfi_sftp_up 0")
+            return GaugeMetricFamily(
+                "cfi_sftp_up",
+                "1 when CFI's SFTP server accepted a TCP connection and sent an SSH banner.",
+                value=0.0,
+            )
         try:
             with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S) as sock:
                 sock.settimeout(CONNECT_TIMEOUT_S)

@@ -142,14 +142,25 @@ def run_export(
             .where(e.campaign_id == campaign_id, e.revision == revision)
         ).first()
     run = f"run {result.run_id}"
+    reasons = list(dict.fromkeys(failure_descriptions(result)))
     if result.success and row is not None and row.status == "delivered":
         return ExportRun(
             0, f"campaign {campaign_id} r{revision} delivered: {row.manifest_path} ({run})",
             result.run_id,
         )
-    reasons = failure_descriptions(result)
+    if row is not None and row.status == "delivered":  # a failed re-send: nothing lost
+        detail = "\n".join(reasons) or "see the run in the Dagster UI"
+        return ExportRun(
+            1,
+            f"campaign {campaign_id} r{revision}: the re-send failed ({run}); the revision stays "
+            f"delivered, its files from the earlier delivery are on the drop "
+            f"({row.manifest_path}):\n{detail}",
+            result.run_id,
+        )
     detail = (row.error if row is not None and row.error else None) or (
-        "\n".join(dict.fromkeys(reasons)) if reasons else "see the run in the Dagster UI"
+        "\n".join(reasons) if reasons else "see the run in the Dagster UI"
     )
     status = row.status if row is not None else "not exported"
-    return ExportRun(1, f"campaign {campaign_id} r{revision} {status} ({run}):\n{detail}", result.run_id)
+    return ExportRun(
+        1, f"campaign {campaign_id} r{revision} {status} ({run}):\n{detail}", result.run_id
+    )

@@ -15,6 +15,8 @@ from cfi_pipelines.views.refresh import read_status
 from cfi_pipelines.views.spec import VIEWS
 
 EXIT_OK, EXIT_INCIDENT = 0, 2
+IDS_SHOWN = 20
+"""Campaign ids listed per export status (failed, pending, rejected); the counts are exact."""
 
 
 def collect_status() -> dict[str, Any]:
@@ -69,6 +71,35 @@ def collect_status() -> dict[str, Any]:
         out["exports"] = {st: n for st, n, _ in rows}
         oldest = [t for st, _, t in rows if st == "pending" and t is not None]
         out["exports_oldest_pending"] = iso_z(min(oldest)) if oldest else None
+        out["campaigns"] = {}
+        with engine_for(s.mycfia_url).connect() as conn:
+            for st in ("failed", "pending", "rejected"):
+                if not out["exports"].get(st):
+                    continue
+                found = conn.execute(
+                    sa.select(e.campaign_id, e.revision, e.error, e.updated_at)
+                    .select_from(
+                        mycfia.campaign_exports.join(
+                            latest,
+                            sa.and_(
+                                latest.c.campaign_id == e.campaign_id,
+                                latest.c.revision == e.revision,
+                            ),
+                        )
+                    )
+                    .where(e.status == st)
+                    .order_by(e.updated_at.desc())
+                    .limit(IDS_SHOWN)
+                ).all()
+                out["campaigns"][st] = [
+                    {
+                        "campaign_id": cid,
+                        "revision": rev,
+                        "updated_at": iso_z(at),
+                        "error": error,
+                    }
+                    for cid, rev, error, at in found
+                ]
         if out["exports"].get("failed"):
             out["problems"].append(
                 f"{out['exports']['failed']} campaign export(s) failed after their retries"
@@ -95,5 +126,14 @@ def format_status(st: dict[str, Any]) -> list[str]:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(st["exports"].items())) or "none yet"
         pending = st.get("exports_oldest_pending")
         lines.append(f"exports: {counts}" + (f" (oldest pending since {pending})" if pending else ""))
+        for status_name, items in (st.get("campaigns") or {}).items():
+            total = st["exports"].get(status_name, len(items))
+            ids = ", ".join(f"{c['campaign_id']} r{c['revision']}" for c in items)
+            extra = f" (+{total - len(items)} more)" if total > len(items) else ""
+            lines.append(f"  {status_name}: {ids}{extra}")
+            if status_name == "failed":
+                for c in items:
+                    first = (c["error"] or "").strip().splitlines()
+                    lines.append(f"    {c['campaign_id']} r{c['revision']}: {first[0] if first else ''}")
     lines += [f"PROBLEM: {p}" for p in st["problems"]]
     return lines

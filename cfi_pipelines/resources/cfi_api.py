@@ -8,7 +8,14 @@ in the UI or the logs.
 import dagster as dg
 from pydantic import Field
 
-from cfi_pipelines.fallback.api_client import CfiApiClient, CfiApiNotConfigured
+from cfi_pipelines.fallback.api_client import (
+    DEFAULT_MAX_CLOCK_SKEW_S,
+    DEFAULT_MAX_PAGES,
+    DEFAULT_MAX_SNAPSHOT_SECONDS,
+    DEFAULT_RESPONSE_DEADLINE_S,
+    CfiApiClient,
+    CfiApiNotConfigured,
+)
 from cfi_pipelines.settings import Settings, env_or_default
 
 
@@ -24,6 +31,19 @@ class CfiApiResource(dg.ConfigurableResource):
     max_backoff_s: float = Field(default=60.0, description="longest wait, Retry-After included")
     page_size: int = 1000
     max_concurrency: int = Field(default=4, description="requests in flight through one client")
+    response_deadline_s: float = Field(
+        default=DEFAULT_RESPONSE_DEADLINE_S,
+        description="longest total time to receive one response (read_timeout_s is per read)",
+    )
+    max_snapshot_seconds: float = Field(
+        default=DEFAULT_MAX_SNAPSHOT_SECONDS,
+        description="longest time to read a whole view (all pages, retries included)",
+    )
+    max_pages: int = Field(default=DEFAULT_MAX_PAGES, description="most pages in one view")
+    max_clock_skew_s: float = Field(
+        default=DEFAULT_MAX_CLOCK_SKEW_S,
+        description="how far in the future the API's as_of may be (clock skew)",
+    )
 
     @property
     def configured(self) -> bool:
@@ -46,6 +66,10 @@ class CfiApiResource(dg.ConfigurableResource):
             max_backoff_s=self.max_backoff_s,
             page_size=self.page_size,
             max_concurrency=self.max_concurrency,
+            response_deadline_s=self.response_deadline_s,
+            max_snapshot_seconds=self.max_snapshot_seconds,
+            max_pages=self.max_pages,
+            max_clock_skew_s=self.max_clock_skew_s,
         )
 
 

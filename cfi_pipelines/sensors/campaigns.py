@@ -7,9 +7,17 @@ overlap window; the cursor remembers which (campaign, revision) it already
 requested inside that window, so nothing is requested twice. Revisions already
 delivered or rejected (``campaign_exports``) are skipped, so a fresh Dagster instance does
 not re-export history.
+
+Each tick also re-requests the deliveries that failed for a transient reason (SFTP
+down on every attempt of their run) once their ``next_attempt_at`` is due (index on
+``(status, next_attempt_at)``, at most :data:`MAX_RETRY_RUNS_PER_TICK`), with a run
+key per re-try round, ``<id>:r<rev>:retry<k>``. The backoff and the bound live in
+:mod:`cfi_pipelines.exports.records`; permanent failures are never re-tried. A tick
+thus costs O(new + due) rows.
 """
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -17,6 +25,8 @@ import dagster as dg
 import sqlalchemy as sa
 
 from cfi_pipelines.assets.exports import campaign_export_job, campaigns_partitions
+from cfi_pipelines.clock import utcnow
+from cfi_pipelines.exports.records import TRANSIENT
 from cfi_pipelines.model import mycfia as model
 from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.settings import default_sensor_status
@@ -24,6 +34,8 @@ from cfi_pipelines.settings import default_sensor_status
 OVERLAP = timedelta(minutes=2)
 """How far back each tick re-reads, for transactions that commit late."""
 MAX_RUNS_PER_TICK = 500
+MAX_RETRY_RUNS_PER_TICK = 100
+"""Due automatic re-tries requested per tick (the rest are due at the next tick)."""
 
 
 @dataclass
@@ -50,6 +62,40 @@ class CampaignCursor:
 def run_key(campaign_id: int, revision: int) -> str:
     """The run key of one campaign revision's export."""
     return f"{campaign_id}:r{revision}"
+
+
+def retry_run_key(campaign_id: int, revision: int, round_: int) -> str:
+    """The run key of the ``round_``-th automatic re-try of a revision's delivery."""
+    return f"{run_key(campaign_id, revision)}:retry{round_}"
+
+
+def scan_due(
+    conn: sa.Connection, now: datetime, limit: int = MAX_RETRY_RUNS_PER_TICK
+) -> list[tuple[int, int, int]]:
+    """(campaign id, revision, re-try round) of failed-transient deliveries due at ``now``.
+
+    Only the campaign's current revision, still validated: an edit is a new revision,
+    which the main scan requests anyway.
+    """
+    c = model.campaigns.c
+    e = model.campaign_exports.c
+    query = (
+        sa.select(e.campaign_id, e.revision, e.transient_failures)
+        .join_from(
+            model.campaign_exports,
+            model.campaigns,
+            (c.id == e.campaign_id) & (c.revision == e.revision),
+        )
+        .where(
+            (e.status == "failed")
+            & (e.next_attempt_at <= now)
+            & (e.failure_kind == TRANSIENT)
+            & (c.status == "validated")
+        )
+        .order_by(e.next_attempt_at, e.campaign_id)
+        .limit(limit)
+    )
+    return [(cid, rev, failures or 1) for cid, rev, failures in conn.execute(query)]
 
 
 def scan(
@@ -88,8 +134,10 @@ def scan(
     return found, CampaignCursor(since, seen)
 
 
-def build_campaigns_sensor() -> dg.SensorDefinition:
-    """The sensor, on by default unless ``CFI_AUTOMATION=off`` (read when it is built)."""
+def build_campaigns_sensor(clock: Callable[[], datetime] = utcnow) -> dg.SensorDefinition:
+    """The sensor, on by default unless ``CFI_AUTOMATION=off`` (read when it is built).
+
+    ``clock``: naive UTC now, compared with ``next_attempt_at`` (tests pass their own)."""
 
     @dg.sensor(
         name="validated_campaigns_sensor",
@@ -97,7 +145,9 @@ def build_campaigns_sensor() -> dg.SensorDefinition:
         minimum_interval_seconds=15,
         default_status=default_sensor_status(),
         description="Requests one export run per newly validated campaign revision "
-        "(run key <campaign id>:r<revision>) and adds its 'campaigns' partition.",
+        "(run key <campaign id>:r<revision>) and adds its 'campaigns' partition; re-tries "
+        "deliveries that failed while SFTP was down, with backoff "
+        "(run key <campaign id>:r<revision>:retry<k>).",
     )
     def validated_campaigns_sensor(
         context: dg.SensorEvaluationContext, mycfia: DatabaseResource
@@ -105,20 +155,38 @@ def build_campaigns_sensor() -> dg.SensorDefinition:
         cursor = CampaignCursor.parse(context.cursor)
         with mycfia.engine().connect() as conn:
             found, next_cursor = scan(conn, cursor)
-        if not found:
-            return dg.SensorResult(
-                skip_reason="no newly validated campaign", cursor=next_cursor.dump()
+            due = scan_due(conn, clock())
+        requests = [
+            dg.RunRequest(
+                run_key=run_key(cid, rev),
+                partition_key=str(cid),
+                tags={"cfi/campaign_id": str(cid), "cfi/revision": str(rev)},
             )
-        ids = sorted({str(cid) for cid, _ in found})
-        return dg.SensorResult(
-            run_requests=[
+            for cid, rev in found
+        ]
+        new = set(found)
+        for cid, rev, round_ in due:
+            if (cid, rev) in new:  # requested above (e.g. a fresh cursor)
+                continue
+            requests.append(
                 dg.RunRequest(
-                    run_key=run_key(cid, rev),
+                    run_key=retry_run_key(cid, rev, round_),
                     partition_key=str(cid),
-                    tags={"cfi/campaign_id": str(cid), "cfi/revision": str(rev)},
+                    tags={
+                        "cfi/campaign_id": str(cid),
+                        "cfi/revision": str(rev),
+                        "cfi/retry": str(round_),
+                    },
                 )
-                for cid, rev in found
-            ],
+            )
+        if not requests:
+            return dg.SensorResult(
+                skip_reason="no newly validated campaign, no delivery re-try due",
+                cursor=next_cursor.dump(),
+            )
+        ids = sorted({r.partition_key for r in requests if r.partition_key})
+        return dg.SensorResult(
+            run_requests=requests,
             dynamic_partitions_requests=[campaigns_partitions.build_add_request(ids)],
             cursor=next_cursor.dump(),
         )

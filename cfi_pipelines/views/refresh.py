@@ -9,7 +9,10 @@ that fails at any point leaves the live view untouched and records the error.
 Incremental refresh: the rows changed since the last watermark (minus an overlap
 window, so late-committing rows are not missed) are loaded into a delta table and
 upserted in one transaction (ON CONFLICT on SQLite/PostgreSQL, MERGE on SQL
-Server). Deletions are reconciled by the periodic full refresh.
+Server). Parents whose aggregates a change left (a child moved to another parent
+or deleted) are found by comparing the cached aggregates with the source's
+(:func:`stale_keys`) and reloaded in the same delta. View rows whose own source
+row was deleted are removed by the periodic full refresh only.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
@@ -39,6 +43,7 @@ from cfi_pipelines.db import (
 )
 from cfi_pipelines.model import cfi_common as common
 from cfi_pipelines.model import cfi_source as src
+from cfi_pipelines.views.reconcile import delete_keys, deleted_keys
 from cfi_pipelines.views.spec import VIEWS, ViewSpec
 
 log = logging.getLogger(__name__)
@@ -46,7 +51,12 @@ log = logging.getLogger(__name__)
 Mode = Literal["auto", "full", "incremental"]
 DEFAULT_MAX_DROP_SHARE = 0.5
 DEFAULT_OVERLAP = timedelta(minutes=2)
-SWAP_LOCK_TIMEOUT_MS = 5000
+SWAP_LOCK_TIMEOUT_MS = 200
+"""How long one swap attempt waits for its locks (PostgreSQL). Readers that arrive
+while the rename waits queue behind it, so this is also the longest they stall."""
+SWAP_LOCK_ATTEMPTS = 5
+SWAP_RETRY_PAUSE_S = 0.2
+"""Pause after the n-th failed attempt: n times this (readers run meanwhile)."""
 
 Loader = Callable[[sa.Table], int]
 """Fills a staging table (given as a Table object) and returns its row count."""
@@ -383,6 +393,117 @@ def _write_closure(conn: sa.Connection, rows: list[tuple[int, int, int]]) -> Non
 # --------------------------------------------------------------------------- full
 
 
+class SwapLockTimeout(RefreshError):
+    """The swap could not get its lock within the retries: a session holds a lock
+    on the live table (typically a reader idle in its transaction). Not a database
+    outage; the live view is untouched."""
+
+    def __init__(self, view: str, attempts: int, holders: list[dict]):
+        self.view, self.attempts, self.holders = view, attempts, holders
+        if holders:
+            who = "; ".join(_describe_holder(h) for h in holders)
+        else:
+            who = "lock held by a session that released it before it could be named"
+        super().__init__(
+            f"view {view}: not swapped in, the swap waited {attempts} times "
+            f"{SWAP_LOCK_TIMEOUT_MS} ms for its lock: {who}. A reader probably left its "
+            "transaction open; the live view is untouched and the next refresh retries."
+        )
+
+
+def _describe_holder(h: dict) -> str:
+    state = h.get("state") or "unknown (grant pg_read_all_stats to the refresher to see it)"
+    since = (
+        f", transaction open since {h['xact_start']:%Y-%m-%d %H:%M:%S%z}"
+        if h.get("xact_start")
+        else ""
+    )
+    return (
+        f"lock held by pid {h['pid']} (application {h.get('application_name') or '?'!r}, "
+        f"state {state}, user {h.get('usename') or '?'}{since}) "
+        f"{h['mode']} on {h['relname']}"
+    )
+
+
+def _is_lock_timeout(exc: sa.exc.OperationalError) -> bool:
+    # 55P03 lock_not_available (psycopg 3: .sqlstate, psycopg2: .pgcode)
+    orig = exc.orig
+    return (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "55P03"
+
+
+def _lock_holders(target: Engine, tables: tuple[str, ...]) -> list[dict]:
+    """Sessions holding a granted lock on ``tables`` (PostgreSQL names the holder;
+    state and query are visible to superusers and pg_read_all_stats only)."""
+    sql = sa.text(
+        "SELECT DISTINCT l.pid, l.mode, c.relname, a.application_name, a.state, "
+        "a.usename, a.xact_start "
+        "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+        "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid() "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND l.relation IN ("
+        + ", ".join(f"to_regclass(:t{i})" for i in range(len(tables)))
+        + ") ORDER BY l.pid"
+    )
+    try:
+        with target.connect() as conn:
+            rows = conn.execute(sql, {f"t{i}": t for i, t in enumerate(tables)}).mappings()
+            return [dict(r) for r in rows]
+    except sa.exc.SQLAlchemyError:  # best effort: the error message must still come out
+        log.exception("could not list the sessions holding locks on %s", tables)
+        return []
+
+
+def _swap_with_retries(
+    spec: ViewSpec,
+    target: Engine,
+    tables: tuple[str, ...],
+    body: Callable[[sa.Connection], RefreshResult],
+) -> RefreshResult:
+    """Run the swap transaction ``body`` with a short lock_timeout, a few times.
+
+    The renames need ACCESS EXCLUSIVE on the live table, which conflicts with the
+    ACCESS SHARE every reader holds until its transaction ends. While the rename
+    waits, every reader arriving after it queues behind it: one reader idle in its
+    transaction would stall all readers for as long as the swap waits. So each
+    attempt waits SWAP_LOCK_TIMEOUT_MS at most, then gives the lock up (the queued
+    readers run) and pauses before the next one; after SWAP_LOCK_ATTEMPTS it raises
+    :class:`SwapLockTimeout` naming the holder (not an OperationalError: this is no
+    outage).
+
+    SQL Server: the same reasoning holds. sp_rename needs a Sch-M lock, which
+    conflicts with everything, including the Sch-S of every reader, and a waiting
+    Sch-M request blocks the readers queued behind it; a reader keeps its IS lock
+    until its transaction ends under REPEATABLE READ/SERIALIZABLE or HOLDLOCK. There
+    the bound would be SET LOCK_TIMEOUT 200 on the swap's session (error 1222 on
+    timeout) with the same retries, and the holder is named by
+    sys.dm_tran_locks / sys.dm_exec_requests.blocking_session_id joined to
+    sys.dm_exec_sessions (program_name, status, open_transaction_count). Not done
+    yet: today the SQL Server swap waits without a lock timeout.
+    """
+    for attempt in range(1, SWAP_LOCK_ATTEMPTS + 1):
+        try:
+            with _begin(target) as conn:
+                if target.dialect.name == "postgresql":
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT_MS}ms'")
+                return body(conn)
+        except sa.exc.OperationalError as exc:
+            if target.dialect.name != "postgresql" or not _is_lock_timeout(exc):
+                raise
+            holders = _lock_holders(target, tables)
+            log.warning(
+                "view %s: swap attempt %d/%d timed out on its lock: %s",
+                spec.name,
+                attempt,
+                SWAP_LOCK_ATTEMPTS,
+                "; ".join(_describe_holder(h) for h in holders) or "holder gone",
+            )
+            if attempt == SWAP_LOCK_ATTEMPTS:
+                raise SwapLockTimeout(spec.name, attempt, holders) from exc
+            time.sleep(SWAP_RETRY_PAUSE_S * attempt)
+    raise AssertionError("unreachable")
+
+
 def swap_in(
     spec: ViewSpec,
     target: Engine,
@@ -399,8 +520,9 @@ def swap_in(
     """Load a staging copy with ``loader``, index it, guard it, and swap it in.
 
     Used by the full refresh from the source DB and by the API fallback
-    (``source="cfi_api"``). Raises :class:`RefreshRefused` or the loader's error;
-    the live view is untouched in both cases (the caller records the failure).
+    (``source="cfi_api"``). Raises :class:`RefreshRefused`, :class:`SwapLockTimeout`
+    or the loader's error; the live view is untouched in all cases (the caller
+    records the failure).
     """
     started = started or time.perf_counter()
     dialect = target.dialect.name
@@ -436,9 +558,7 @@ def swap_in(
         if not force and live_rows and staging_rows < live_rows * (1 - max_drop_share):
             raise RefreshRefused(spec.name, staging_rows, live_rows, max_drop_share)
 
-        with _begin(target) as conn:
-            if dialect == "postgresql":
-                conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT_MS}ms'")
+        def swap_transaction(conn: sa.Connection) -> RefreshResult:
             if live_exists and (grants_sql := copy_grants_sql(dialect, live.name, staging.name)):
                 for grantee, privilege in conn.exec_driver_sql(grants_sql).all():
                     conn.exec_driver_sql(
@@ -467,6 +587,9 @@ def swap_in(
                 watermark=watermark,
             )
             _record_success(conn, result, now)
+            return result
+
+        result = _swap_with_retries(spec, target, (live.name, staging.name), swap_transaction)
         if live_exists:
             # Dropped after the commit: a big DROP must not lengthen the swap.
             with _begin(target) as conn:
@@ -550,6 +673,74 @@ def _high_watermark(spec: ViewSpec, source: Engine) -> datetime | None:
     return max(v if isinstance(v, datetime) else datetime.fromisoformat(str(v)) for v in values)
 
 
+STALE_KEYS_PER_LOAD = 500
+"""Keys per reload of stale parents (one ``IN`` list: under SQL Server's 2100 and
+old SQLite's 999 bound parameters)."""
+
+
+def _comparable(value):
+    """A value as the view means it: money to the cent, bools as 0/1, None kept.
+
+    Cached and source values come back as float, int, Decimal or bool depending on
+    the dialect; two values that map to the same comparable are the same view value.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float | Decimal):
+        return Decimal(str(value)).quantize(_CENT) + 0  # + 0: -0.00 == 0.00 anyway
+    return value
+
+
+_CENT = Decimal("0.01")
+
+
+def stale_keys(spec: ViewSpec, source: Engine, target: Engine) -> list:
+    """Keys of the view rows whose :attr:`~ViewSpec.aggregate_columns` differ between
+    the cache and the source, or that the source has and the cache lacks.
+
+    This is how the *old* parent of a moved child, and the parent of a deleted
+    child, are found: neither leaves an ``updated_at`` behind (the child row now
+    names its new parent, or is gone), but the parent's cached aggregate no longer
+    equals the source's. Comparing the aggregates themselves is exact: a parent
+    whose aggregates compare equal has the right view row, whatever happened to
+    its children (and a change of the refresh date, which moves ``overdue``, is
+    caught the same way).
+
+    Cost, per incremental refresh of a view with aggregates: on the source, the
+    view's child aggregates once (one GROUP BY per child table over its parent-id
+    index, the same work the incremental query already does for its aggregate
+    subqueries) and a scan of the parent table; on the cache, a scan of the key
+    and the aggregate columns in key order (the unique key index). Both are
+    streamed and merged in key order in Python, in ``BATCH_ROWS`` batches: memory
+    stays flat, the transfer is a few numbers per parent (about 1 s per million
+    parents). Nothing is written for parents that compare equal.
+    """
+    if not spec.aggregate_columns:
+        return []
+    (key,) = spec.key
+    cached_q = sa.select(
+        spec.table.c[key], *(spec.table.c[c] for c in spec.aggregate_columns)
+    ).order_by(spec.table.c[key])
+    stale = []
+    with source.connect() as sconn, target.connect() as tconn:
+        opts = {"stream_results": True, "yield_per": BATCH_ROWS}
+        theirs = sconn.execution_options(**opts).execute(spec.check_query(), spec.params())
+        ours = tconn.execution_options(**opts).execute(cached_q)
+        mine = next(ours, None)
+        for row in theirs:
+            while mine is not None and mine[0] < row[0]:
+                mine = next(ours, None)  # a parent deleted in the source: full refresh
+            if mine is None or mine[0] != row[0]:
+                stale.append(row[0])  # the cache lacks it (stamped before the window)
+            elif any(
+                _comparable(a) != _comparable(b) for a, b in zip(row[1:], mine[1:], strict=True)
+            ):
+                stale.append(row[0])
+    return stale
+
+
 def _incremental(
     spec: ViewSpec,
     source: Engine,
@@ -559,7 +750,22 @@ def _incremental(
     overlap: timedelta,
     started: float,
     closure: list[tuple[int, int, int]],
+    force: bool = False,
+    max_drop_share: float = DEFAULT_MAX_DROP_SHARE,
 ) -> RefreshResult:
+    """Upsert the rows changed since ``last_watermark - overlap``, and the parents
+    whose aggregates differ from the source (:func:`stale_keys`: old parents of
+    moved children, parents of deleted children, overdue flags of a new day).
+
+    Then the view rows whose driving source row was deleted are deleted
+    (:func:`cfi_pipelines.views.reconcile.deleted_keys`), in one short transaction
+    with the status, under the row-count guard: more than ``max_drop_share`` of the
+    view gone at once is refused unless ``force``.
+
+    Left for the nightly full refresh: non-aggregate columns of a row whose source
+    change was stamped (``updated_at``) older than the overlap window before the
+    last watermark (an aggregate change is caught whatever its stamp).
+    """
     snapshot_at = utcnow()
     high = _high_watermark(spec, source) or last_watermark
     since = last_watermark - overlap
@@ -575,12 +781,28 @@ def _incremental(
             spec, source, target, incremental=True, params=spec.params(since=since)
         )
         loaded = loader(delta)
+        # Parents a change left (moved or deleted children): not found by updated_at.
+        if stale := stale_keys(spec, source, target):
+            with target.connect() as conn:
+                have = set(conn.scalars(sa.select(delta.c[spec.key[0]])))
+            stale = [k for k in stale if k not in have]
+            for i in range(0, len(stale), STALE_KEYS_PER_LOAD):
+                chunk = spec.for_keys(stale[i : i + STALE_KEYS_PER_LOAD])
+                loaded += source_loader(
+                    chunk, source, target, incremental=False, params=chunk.params()
+                )(delta)
         with _begin(target) as conn:
             matched = _count_matching(conn, delta, spec.table, spec.key) if loaded else 0
             if loaded:
                 conn.execute(upsert_statement(target.dialect.name, spec.table, delta, spec.key))
             _write_closure(conn, closure)
+        gone = deleted_keys(spec, source, target)
+        with _begin(target) as conn:
             rows = _count(conn, spec.table)
+            if gone and not force and len(gone) > max_drop_share * rows:
+                raise RefreshRefused(spec.name, rows - len(gone), rows, max_drop_share)
+            deleted = delete_keys(conn, spec, gone)
+            rows -= deleted
             result = RefreshResult(
                 view=spec.name,
                 mode="incremental",
@@ -589,7 +811,7 @@ def _incremental(
                 loaded=loaded,
                 inserted=loaded - matched,
                 updated=matched,
-                deleted=0,
+                deleted=deleted,
                 duration_s=time.perf_counter() - started,
                 source_snapshot_at=snapshot_at,
                 watermark=high,
@@ -645,6 +867,8 @@ def refresh_view(
                 overlap=overlap,
                 started=started,
                 closure=closure,
+                force=force,
+                max_drop_share=max_drop_share,
             )
         snapshot_at = utcnow()  # taken before reading: the data is at least this fresh
         watermark = _high_watermark(spec, source)

@@ -12,8 +12,8 @@ operations, factures → invoices, campagnes → campaigns.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 
 import sqlalchemy as sa
@@ -38,6 +38,13 @@ class ViewSpec:
     indexes: tuple[tuple[str, ...], ...]  # non-unique indexes, tenant-scoped lookups first
     build_query: Callable[[bool], sa.Select]  # incremental -> SELECT with the table's columns
     change_columns: tuple[sa.Column, ...]  # source updated_at columns; max() is the watermark
+    aggregate_columns: tuple[str, ...] = ()
+    """View columns computed from *child* rows (or from the refresh date).
+
+    A child that moves to another parent or is deleted leaves no trace under the
+    old parent's updated_at, so each incremental refresh compares these columns
+    of the cache with the source (:meth:`check_query`) and reloads the parents
+    that differ (:func:`cfi_pipelines.views.refresh.stale_keys`)."""
 
     @property
     def table_name(self) -> str:
@@ -62,6 +69,31 @@ class ViewSpec:
             )
         return q
 
+    def check_query(self) -> sa.Select:
+        """Key and :attr:`aggregate_columns` of every view row, computed on the source, in key order.
+
+        The same expressions as the view (a projection of :meth:`query`), so an
+        unchanged row compares equal to its cached copy. Cost: the view's child
+        aggregates once (one GROUP BY per child table, each over its parent-id
+        index) and a scan of the parent table; no row is written.
+        """
+        sub = self.query().subquery("view_check")
+        return sa.select(
+            *(sub.c[k] for k in self.key), *(sub.c[c] for c in self.aggregate_columns)
+        ).order_by(*(sub.c[k] for k in self.key))
+
+    def for_keys(self, keys: Iterable) -> ViewSpec:
+        """This view restricted to the rows whose (single-column) key is in ``keys``."""
+        (key,) = self.key
+        keys = list(keys)
+        full = self.build_query
+
+        def build(incremental: bool) -> sa.Select:
+            sub = full(False).subquery("view_keys")
+            return sa.select(*sub.c).where(sub.c[key].in_(keys))
+
+        return replace(self, build_query=build)
+
     def params(self, *, since: datetime | None = None, today: date | None = None) -> dict:
         """Bind parameters for :meth:`query` (only those it uses)."""
         out: dict = {}
@@ -71,6 +103,17 @@ class ViewSpec:
         if "today" in compiled_params:
             out["today"] = today or date.today()
         return out
+
+
+def _money(x) -> sa.ColumnElement:
+    """``x`` rounded to the cent, never negative zero, on every dialect.
+
+    SQLite computes in binary floats: a sum of rounded amounts is stored as is in
+    a NUMERIC column (724.0799999999999), and ROUND of a tiny negative difference
+    is -0.0 in the query's output; ``+ 0`` turns -0.0 into 0.0 there and is a
+    no-op on PostgreSQL and SQL Server (exact decimals).
+    """
+    return sa.func.round(x, 2) + 0
 
 
 def _stocks(incremental: bool) -> sa.Select:
@@ -88,7 +131,7 @@ def _stocks(incremental: bool) -> sa.Select:
         sl.c.reserved,
         (sl.c.quantity - sl.c.reserved).label("available"),
         p.c.unit_price,
-        sa.func.round(sl.c.quantity * p.c.unit_price, 2).label("stock_value"),
+        _money(sl.c.quantity * p.c.unit_price).label("stock_value"),
         sl.c.updated_at.label("source_updated_at"),
     ).select_from(sl.join(p, p.c.id == sl.c.product_id).join(w, w.c.id == sl.c.warehouse_id))
     if incremental:
@@ -171,12 +214,10 @@ def _invoices(incremental: bool) -> sa.Select:
         .group_by(pay.c.invoice_id)
         .subquery("pay_agg")
     )
-    excl = sa.func.round(sa.func.coalesce(lines.c.excl, 0), 2)
-    tax = sa.func.round(sa.func.coalesce(lines.c.tax, 0), 2)
-    paid_amount = sa.func.round(sa.func.coalesce(paid.c.paid, 0), 2)
-    outstanding = sa.case(
-        (i.c.status == "cancelled", 0), else_=sa.func.round(excl + tax - paid_amount, 2)
-    )
+    excl = _money(sa.func.coalesce(lines.c.excl, 0))
+    tax = _money(sa.func.coalesce(lines.c.tax, 0))
+    paid_amount = _money(sa.func.coalesce(paid.c.paid, 0))
+    outstanding = sa.case((i.c.status == "cancelled", 0), else_=_money(excl + tax - paid_amount))
     q = sa.select(
         i.c.tenant_id,
         i.c.id.label("invoice_id"),
@@ -189,7 +230,7 @@ def _invoices(incremental: bool) -> sa.Select:
         i.c.status,
         excl.label("total_excl_tax"),
         tax.label("total_tax"),
-        (excl + tax).label("total_incl_tax"),
+        _money(excl + tax).label("total_incl_tax"),
         paid_amount.label("paid"),
         outstanding.label("outstanding"),
         sa.case(
@@ -259,7 +300,7 @@ def _campaigns(incremental: bool) -> sa.Select:
         sa.func.coalesce(results.c.opened, 0).label("opened"),
         sa.func.coalesce(results.c.clicked, 0).label("clicked"),
         sa.func.coalesce(results.c.converted, 0).label("converted"),
-        sa.func.round(sa.func.coalesce(results.c.revenue, 0), 2).label("revenue"),
+        _money(sa.func.coalesce(results.c.revenue, 0)).label("revenue"),
         c.c.updated_at.label("source_updated_at"),
     ).select_from(
         c.join(ch, ch.c.id == c.c.channel_id)
@@ -268,11 +309,14 @@ def _campaigns(incremental: bool) -> sa.Select:
         .outerjoin(results, results.c.campaign_id == c.c.id)
     )
     if incremental:
+        o2 = o.alias("o_changed")
         q = q.where(
             sa.or_(
                 c.c.updated_at > SINCE,
                 c.c.id.in_(sa.select(t.c.campaign_id).where(t.c.updated_at > SINCE)),
                 c.c.id.in_(sa.select(r.c.campaign_id).where(r.c.updated_at > SINCE)),
+                # operation_code: a renamed operation re-computes its campaigns
+                c.c.operation_id.in_(sa.select(o2.c.id).where(o2.c.updated_at > SINCE)),
             )
         )
     return q
@@ -304,6 +348,7 @@ VIEWS: tuple[ViewSpec, ...] = (
             src.operation_products.c.updated_at,
             src.campaigns.c.updated_at,
         ),
+        aggregate_columns=("product_count", "avg_discount_pct", "campaign_count"),
     ),
     ViewSpec(
         name="invoices",
@@ -318,6 +363,8 @@ VIEWS: tuple[ViewSpec, ...] = (
             src.payments.c.updated_at,
             src.clients.c.updated_at,
         ),
+        # overdue: also depends on the refresh date (an invoice falls due overnight)
+        aggregate_columns=("total_excl_tax", "total_tax", "paid", "overdue"),
     ),
     ViewSpec(
         name="campaigns",
@@ -330,7 +377,9 @@ VIEWS: tuple[ViewSpec, ...] = (
             src.campaigns.c.updated_at,
             src.campaign_targets.c.updated_at,
             src.campaign_results.c.updated_at,
+            src.operations.c.updated_at,
         ),
+        aggregate_columns=("targets", "sent", "opened", "clicked", "converted", "revenue"),
     ),
 )
 

@@ -120,7 +120,7 @@ def test_validated_campaign_is_delivered_with_metadata(env, sshd):
     assert row.manifest_path.endswith("campaign_11_r2.manifest.json")
 
 
-def test_invalid_campaign_rejected_by_blocking_check_nothing_uploaded(env, sshd, http_receiver):
+def test_invalid_campaign_rejected_by_its_check_delivery_not_attempted(env, sshd, http_receiver):
     bad = default_targets(2)
     bad[1]["email"] = "=cmd|'/C calc'!A0"
     with env["engine"].begin() as conn:
@@ -132,6 +132,9 @@ def test_invalid_campaign_rejected_by_blocking_check_nothing_uploaded(env, sshd,
     assert not check.passed
     assert check.metadata["errors"].value[0]["pointer"] == "/targets/1/email"
     assert not [m for m in result.get_asset_materialization_events() if m.asset_key == DELIVERY_KEY]
+    assert check.metadata["partition"].value == "12"
+    # a rejection is a failed check, never a failed delivery: no step fails, the run succeeds
+    assert result.success and not [e for e in result.all_events if e.is_step_failure]
     assert not env["drop"].exists()
     row = export_row(env, 12)
     assert row.status == "rejected" and "/targets/1/email" in row.error

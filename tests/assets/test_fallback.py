@@ -161,3 +161,67 @@ def test_swap_into_postgresql(pg_dbs, cfi_home):
     from_api = rows()
     refresh_view(get_view("invoices"), pg_dbs.source, pg_dbs.common, mode="full")
     assert rows() == from_api  # COPY of decimals, dates and booleans from Parquet is exact
+
+
+def step_failure(result):
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    return failure.step_failure_data.user_failure_data
+
+
+def test_a_future_as_of_is_refused_and_never_becomes_the_snapshot_time(sqlite_dbs, cfi_home):
+    refresh_view(get_view("campaigns"), sqlite_dbs.source, sqlite_dbs.common)
+    before = read_status(sqlite_dbs.common)["campaigns"]
+    future = (utcnow() + timedelta(days=3650)).replace(microsecond=0)
+    with FakeCfiApi(sqlite_dbs.source, token=API_TOKEN, as_of=future) as api:
+        result = run_fallback("campaigns", api.url, sqlite_dbs.common_url, raise_on_error=False)
+    assert not result.success
+    info = step_failure(result)
+    assert "view campaigns, page 1" in info.description and "in the future" in info.description
+    assert future.isoformat() in info.description
+    assert read_status(sqlite_dbs.common)["campaigns"] == before
+    assert list(snapshots_root(cfi_home).joinpath("campaigns").iterdir()) == []
+
+
+def test_duplicate_keys_fail_naming_the_key_and_publish_nothing(sqlite_dbs, cfi_home):
+    refresh_view(get_view("stocks"), sqlite_dbs.source, sqlite_dbs.common)
+    before = read_status(sqlite_dbs.common)["stocks"]
+    with FakeCfiApi(sqlite_dbs.source, token=API_TOKEN, as_of=AS_OF) as api:
+        api.faults.duplicate_page = 4
+        result = run_fallback("stocks", api.url, sqlite_dbs.common_url, raise_on_error=False)
+    assert not result.success
+    info = step_failure(result)
+    assert "view stocks, page 4" in info.description
+    assert "duplicate key (product_id=" in info.description
+    assert "IntegrityError" not in info.description
+    assert list(snapshots_root(cfi_home).joinpath("stocks").iterdir()) == []
+    assert read_status(sqlite_dbs.common)["stocks"] == before
+
+
+def test_a_refused_snapshot_never_becomes_the_latest(sqlite_dbs, cfi_home, tmp_path):
+    from cfi_pipelines.db import create_engine
+    from cfi_pipelines.fallback.snapshots import list_refused
+    from cfi_pipelines.model import cfi_source
+
+    with FakeCfiApi(sqlite_dbs.source, token=API_TOKEN, as_of=AS_OF) as api:
+        run_fallback("stocks", api.url, sqlite_dbs.common_url, keep=1)
+    (good,) = list_snapshots(snapshots_root(cfi_home), "stocks")
+
+    empty = create_engine(f"sqlite:///{tmp_path / 'empty_source.db'}")
+    cfi_source.metadata.create_all(empty)
+    later = AS_OF + timedelta(minutes=5)
+    with FakeCfiApi(empty, token=API_TOKEN, as_of=later) as api:
+        result = run_fallback(
+            "stocks", api.url, sqlite_dbs.common_url, keep=1, raise_on_error=False
+        )
+    assert not result.success
+    info = step_failure(result)
+    assert "0 rows against 9984 live" in info.description and "refused" in info.description
+
+    # the latest snapshot is still the good one (keep=1 did not prune it), 0 rows apart
+    assert list_snapshots(snapshots_root(cfi_home), "stocks") == [good]
+    assert read_as_of(good) == AS_OF and pq.ParquetFile(good).metadata.num_rows == 9984
+    (refused,) = list_refused(snapshots_root(cfi_home), "stocks")
+    assert read_as_of(refused) == later and pq.ParquetFile(refused).metadata.num_rows == 0
+    assert str(refused) in info.description
+    assert sorted(p.name for p in good.parent.iterdir()) == sorted([good.name, "refused"])
+    assert read_status(sqlite_dbs.common)["stocks"]["source_snapshot_at"] == AS_OF

@@ -111,3 +111,29 @@ def test_command_line_serves_until_stopped(api_source_url):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_trickle_sends_the_body_one_byte_at_a_time(fake_api):
+    fake_api.faults.trickle_s = 0.01
+    url = f"{fake_api.url}/api/v1/views/campaigns"
+    with httpx.stream("GET", url, headers=AUTH) as resp:
+        chunks = [c for _, c in zip(range(3), resp.iter_raw(), strict=False)]
+    assert resp.status_code == 200 and [len(c) for c in chunks] == [1, 1, 1]
+
+
+def test_empty_page_and_duplicate_page_switches(fake_api):
+    url = f"{fake_api.url}/api/v1/views/operations"
+    fake_api.faults.empty_page = 2
+    first = httpx.get(url, params={"limit": 8}, headers=AUTH).json()
+    second = httpx.get(
+        url, params={"limit": 8, "cursor": first["next_cursor"]}, headers=AUTH
+    ).json()
+    assert second["items"] == [] and second["next_cursor"] not in (None, first["next_cursor"])
+
+    fake_api.faults.empty_page, fake_api.faults.duplicate_page = 0, 2
+    second = httpx.get(
+        url, params={"limit": 8, "cursor": first["next_cursor"]}, headers=AUTH
+    ).json()
+    assert second["items"][0] == first["items"][-1]  # page 2 starts again at page 1's last
+    with pytest.raises(ValueError, match="use >= 2"):
+        Faults(duplicate_page=1)

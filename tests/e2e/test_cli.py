@@ -113,3 +113,55 @@ def test_seed_materialize_refresh_status(tmp_path, cfi_home):
 
     bad = _run([str(BIN / "cfi-pipelines"), "refresh", "factures"], env, tmp_path)
     assert bad.returncode == 1 and "unknown view 'factures'" in bad.stderr
+
+
+def test_the_readmes_dagster_commands_land_in_the_projects_instance(tmp_path, cfi_home):
+    """README: after `cfi-pipelines demo`, `export DAGSTER_HOME=$PWD/.cfi/dagster`, then
+    Dagster's own CLI materializes a campaign's partition into the same instance."""
+    from cfi_pipelines.devtools.postgres import free_port
+    from cfi_pipelines.model import mycfia
+
+    port = free_port()
+    env = {**os.environ, "CFI_HOME": str(cfi_home), "CFI_SFTP_PORT": str(port)}
+    env.pop("DAGSTER_HOME", None)
+    demo = _run([str(BIN / "cfi-pipelines"), "demo"], env, tmp_path)
+    assert demo.returncode == 0, demo.stdout[-3000:]
+    env["DAGSTER_HOME"] = str(cfi_home / "dagster")  # the README's export
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        before = len(instance.get_runs())
+    server = subprocess.Popen(
+        [str(BIN / "cfi-pipelines"), "sftp-server", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "dev SFTP server on 127.0.0.1" in server.stdout.readline()  # listening
+        mat = _run(
+            [
+                str(BIN / "dagster"),
+                "asset",
+                "materialize",
+                "-m",
+                "cfi_pipelines.definitions",
+                "--select",
+                "cfi_export/campaign_files,cfi_export/campaign_delivery",
+                "--partition",
+                "1001",
+            ],
+            env,
+            tmp_path,
+        )
+        assert mat.returncode == 0, mat.stderr[-3000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        runs = instance.get_runs()
+        assert len(runs) == before + 1
+        assert runs[0].tags.get("dagster/partition") == "1001"
+        assert runs[0].status == dg.DagsterRunStatus.SUCCESS
+    with create_engine(f"sqlite:///{cfi_home}/mycfia.db").connect() as conn:
+        e = mycfia.campaign_exports.c
+        assert conn.execute(sa.select(e.attempts).where(e.campaign_id == 1001)).scalar() == 2

@@ -19,6 +19,7 @@ from cfi_pipelines.exports.sftp_client import (
     LARGE_WRITE_SIZE,
     SAFE_WRITE_SIZE,
     AuthError,
+    AuthInterrupted,
     HostKeyError,
     load_known_hosts,
     load_private_key,
@@ -147,6 +148,36 @@ def test_wrong_client_key_refused(sshd, tmp_path, ssh_keys):
         resource(sshd, tmp_path, private_key=str(ssh_keys["stranger"])).open()
 
 
+def _via_proxy(sshd, proxy, tmp_path, drop: Path, **over) -> SFTPResource:
+    # known_hosts names the proxy's port: same server key, different "[host]:port".
+    real = Path(str(sshd.host_key) + ".pub").read_text().split()
+    kh = tmp_path / f"kh_{proxy.port}"
+    kh.write_text(f"[127.0.0.1]:{proxy.port} {real[0]} {real[1]}\n")
+    return resource(sshd, drop, port=proxy.port, known_hosts=str(kh), **over)
+
+
+def test_connection_cut_during_authentication_is_transient(sshd, cut_proxy, tmp_path, ssh_keys):
+    # ~1,400 client bytes: past the key exchange (host key verified), inside userauth,
+    # where paramiko says AuthenticationException("... transport shut down or saw EOF").
+    proxy = cut_proxy(sshd.port, cut_after=1_400)
+    res = _via_proxy(sshd, proxy, tmp_path, tmp_path)
+    with pytest.raises(AuthInterrupted, match="lost during authentication") as info:
+        res.open()
+    assert proxy.cut_count == 1
+    assert "transport shut down or saw EOF" in str(info.value)
+    assert not isinstance(info.value, AuthError)
+    assert classify_error(info.value) == TRANSIENT
+    # paramiko's own exception for it, should it escape elsewhere, is transient too
+    assert classify_error(info.value.__cause__) == TRANSIENT
+    with res.connect() as sftp:  # the retry, through the same proxy, goes through
+        assert sftp.stat(str(tmp_path)).st_mode
+    # ... while a live server that refuses the key is still permanent, through the proxy too
+    refused = _via_proxy(sshd, proxy, tmp_path, tmp_path, private_key=str(ssh_keys["stranger"]))
+    with pytest.raises(AuthError, match="refused the key") as info:
+        refused.open()
+    assert classify_error(info.value) == PERMANENT
+
+
 def test_unreadable_key_is_an_auth_error_that_hides_the_value(sshd, tmp_path):
     secret = (
         "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-key-SECRET\n-----END OPENSSH PRIVATE KEY-----"
@@ -224,6 +255,15 @@ KEY = paramiko.ECDSAKey.generate()
         (DeliveryError("uploaded 10 bytes, expected 20"), TRANSIENT),
         (paramiko.SSHException("Incompatible ssh peer (no acceptable kex algorithm)"), PERMANENT),
         (paramiko.AuthenticationException("Authentication failed."), PERMANENT),
+        (paramiko.BadAuthenticationType("Bad authentication type", ["password"]), PERMANENT),
+        (
+            paramiko.AuthenticationException(
+                "Authentication failed: transport shut down or saw EOF"
+            ),
+            TRANSIENT,
+        ),
+        (paramiko.AuthenticationException("Authentication timeout."), TRANSIENT),
+        (AuthInterrupted("lost during authentication"), TRANSIENT),
         (paramiko.BadHostKeyException("h", KEY, KEY), PERMANENT),
         (AuthError("refused the key"), PERMANENT),
         (HostKeyError("has CHANGED"), PERMANENT),

@@ -24,6 +24,7 @@ from cfi_pipelines.fallback.api_client import (
 from cfi_pipelines.resources.cfi_api import CfiApiResource, cfi_api_resource
 from cfi_pipelines.settings import get_settings
 from cfi_pipelines.views.spec import VIEWS, get_view
+from tests.fallback.scripted_api import ScriptedApi, item, page
 from tests.fixtures.http import API_TOKEN, free_port
 
 
@@ -299,33 +300,13 @@ def test_wrong_token_is_refused_without_retry(fake_api):
 
 
 def test_a_repeated_cursor_is_a_contract_error():
-    # A local server that always answers with the same next_cursor.
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Loop(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):
-            body = b'{"items": [], "next_cursor": "same", "as_of": "2026-01-01T00:00:00Z"}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Loop)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        with (
-            CfiApiClient(url, "t") as c,
-            pytest.raises(CfiApiContractError, match="already returned"),
-        ):
-            list(c.iter_pages("campaigns"))
-    finally:
-        server.shutdown()
-        server.server_close()
+    # A local server that always answers with the same next_cursor (one new row a page).
+    with (
+        ScriptedApi(lambda n, cursor: (page([item("campaigns", n)], "same"), 0.0)) as api,
+        CfiApiClient(api.url, "t") as c,
+        pytest.raises(CfiApiContractError, match="already returned"),
+    ):
+        list(c.iter_pages("campaigns"))
 
 
 # --------------------------------------------------------------------------- resource

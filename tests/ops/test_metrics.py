@@ -338,3 +338,29 @@ def test_the_command_serves_metrics_until_stopped(refreshed) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_sftp_up_is_always_served_even_with_no_host(sqlite_dbs: Databases, monkeypatch) -> None:
+    """The Grafana "SFTP server" panel and CfiSftpDown need the series in every environment:
+    locally it probes the embedded server (0 when it is not running, 1 when it is)."""
+    from cfi_pipelines.devtools.sftp_server import DevSFTPServer
+
+    monkeypatch.delenv("CFI_SFTP_HOST", raising=False)
+    monkeypatch.setenv("CFI_SFTP_PORT", str(free_port()))
+    config = MetricsConfig.from_settings()
+    with start_metrics_server(port=0, config=config) as server:
+        _, m = scrape(server.url)
+    assert value(m, "cfi_sftp_up") == 0
+    dev = DevSFTPServer(port=0)
+    try:
+        monkeypatch.setenv("CFI_SFTP_PORT", str(dev.port))
+        with start_metrics_server(port=0, config=MetricsConfig.from_settings()) as server:
+            _, m = scrape(server.url)
+        assert value(m, "cfi_sftp_up") == 1
+    finally:
+        dev.stop()
+    # production with the host missing from the config: still served, as down
+    bare = MetricsConfig(common_url=sqlite_dbs.common_url, mycfia_url=sqlite_dbs.common_url)
+    with start_metrics_server(port=0, config=bare) as s:
+        _, m = scrape(s.url)
+    assert value(m, "cfi_sftp_up") == 0
