@@ -209,33 +209,69 @@ def _environment() -> Environment:
     return "production" if _env("CFI_SFTP_HOST") else "local"
 
 
-def get_settings() -> Settings:
-    """Read the environment now (cheap; call it where the value is needed).
+def read_settings() -> tuple[Settings, dict[str, str]]:
+    """Every setting that can be read, and the unusable ones by variable.
 
-    Raises :class:`ConfigError` naming the variable when a value is unusable.
+    An unusable value is replaced by its default and reported (``{variable: message}``),
+    so that ``cfi-pipelines doctor`` can check every other component; everything
+    else calls :func:`get_settings`, which refuses to go on.
     """
+    errors: dict[str, str] = {}
+
+    def read(name: str, fn, fallback):
+        try:
+            return fn()
+        except ConfigError as exc:
+            errors.setdefault(name, str(exc))
+            return fallback
+
     home = Path(_env("CFI_HOME") or "./.cfi").expanduser().resolve()
-    return Settings(
+
+    def url(name: str, file: str) -> str:
+        default = _sqlite_url(home / file)
+        return read(name, lambda: _db_url(name, default), default)
+
+    settings = Settings(
         home=home,
-        environment=_environment(),
-        source_url=_db_url("CFI_SOURCE_URL", _sqlite_url(home / "cfi_source.db")),
-        common_url=_db_url("CFI_COMMON_URL", _sqlite_url(home / "cfi_common.db")),
-        mycfia_url=_db_url("MYCFIA_URL", _sqlite_url(home / "mycfia.db")),
+        environment=read("CFI_ENV", _environment, "local"),
+        source_url=url("CFI_SOURCE_URL", "cfi_source.db"),
+        common_url=url("CFI_COMMON_URL", "cfi_common.db"),
+        mycfia_url=url("MYCFIA_URL", "mycfia.db"),
         sftp_host=_env("CFI_SFTP_HOST"),
-        sftp_port=int(_number("CFI_SFTP_PORT", 22)),
+        sftp_port=int(read("CFI_SFTP_PORT", lambda: _number("CFI_SFTP_PORT", 22), 22)),
         sftp_user=_env("CFI_SFTP_USER"),
         sftp_key=_env("CFI_SFTP_KEY"),
         sftp_known_hosts=_env("CFI_SFTP_KNOWN_HOSTS"),
         sftp_dir=_env("CFI_SFTP_DIR") or "/",
-        sftp_write_size=int(_number("CFI_SFTP_WRITE_SIZE", 0)),
-        export_retry_delay=float(_number("CFI_EXPORT_RETRY_DELAY", 5.0, float)),
+        sftp_write_size=int(
+            read("CFI_SFTP_WRITE_SIZE", lambda: _number("CFI_SFTP_WRITE_SIZE", 0), 0)
+        ),
+        export_retry_delay=float(
+            read(
+                "CFI_EXPORT_RETRY_DELAY",
+                lambda: _number("CFI_EXPORT_RETRY_DELAY", 5.0, float),
+                5.0,
+            )
+        ),
         api_url=_env("CFI_API_URL"),
         api_token=_env("CFI_API_TOKEN"),
         automation=(_env("CFI_AUTOMATION") or "on").lower() not in {"off", "0", "false", "no"},
         webserver_url=(_env("DAGSTER_WEBSERVER_URL") or "http://127.0.0.1:3000").rstrip("/"),
         dagster_home_env=_env("DAGSTER_HOME"),
-        alerts=_alert_settings(),
+        alerts=read("CFI_ALERT_SMTP_PORT", _alert_settings, AlertSettings()),
     )
+    return settings, errors
+
+
+def get_settings() -> Settings:
+    """Read the environment now (cheap; call it where the value is needed).
+
+    Raises :class:`ConfigError` naming the variable when a value is unusable.
+    """
+    settings, errors = read_settings()
+    if errors:
+        raise ConfigError(next(iter(errors.values())))
+    return settings
 
 
 def env_or_default(name: str, default: str) -> str | dg.EnvVar:

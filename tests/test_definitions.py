@@ -131,6 +131,11 @@ def test_export_command_delivers_then_skips_then_forces(tmp_path, monkeypatch):
         # the named job, so the UI can re-execute it
         run = dg.DagsterInstance.get().get_run_by_id(first.run_id)
         assert run.job_name == "campaign_export"
+        # a draft exported by hand: the reason is in the command's answer, not "see the UI"
+        with engine.begin() as conn:
+            add_campaign(conn, 43, tenant_code="T043", status="draft")
+        draft = run_export(43, defs=defs)
+        assert draft.code == 1 and "is 'draft', not 'validated'" in draft.message
     finally:
         server.stop()
 
@@ -152,3 +157,21 @@ def test_dg_checks_and_lists_the_definitions():
     assert listed.returncode == 0, listed.stderr[-3000:]
     assert "cfi_export/campaign_delivery" in listed.stdout
     assert "validated_campaigns_sensor" in listed.stdout
+
+
+def test_the_local_instance_config_is_the_repositorys_dagster_yaml():
+    """One local dagster.yaml: what `cfi-pipelines` writes into CFI_HOME/dagster is the
+    repository's own file, word for word (they used to disagree on run_retries)."""
+    from cfi_pipelines.ops.instance import LOCAL_DAGSTER_YAML
+
+    assert (ROOT / "dagster.yaml").read_text() == LOCAL_DAGSTER_YAML
+
+
+def test_descriptions_render_their_placeholders(tmp_path, monkeypatch):
+    """The UI renders descriptions as Markdown: a bare <tenant> would be eaten as HTML."""
+    monkeypatch.setenv("CFI_HOME", str(tmp_path))
+    for a in build_defs().assets:
+        for spec in getattr(a, "specs", []):
+            text = spec.description or ""
+            outside_code = "".join(text.split("`")[::2])
+            assert "<" not in outside_code, (spec.key, text)

@@ -13,7 +13,6 @@ kind of the refresh on scratch tables of the common DB
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import smtplib
 import socket
@@ -34,7 +33,7 @@ from cfi_pipelines.db import create_engine, redact
 from cfi_pipelines.model import cfi_common as common
 from cfi_pipelines.model import cfi_source as src
 from cfi_pipelines.model import mycfia
-from cfi_pipelines.settings import ConfigError, Settings
+from cfi_pipelines.settings import Settings
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 TIMEOUT_S = 5
@@ -76,65 +75,14 @@ class Check:
 # --------------------------------------------------------------------------- settings
 
 
-def _variable_of(exc: ConfigError) -> str:
-    m = re.match(r"([A-Z][A-Z0-9_]+)", str(exc))
-    return m.group(1) if m else "?"
-
-
 def load_settings() -> tuple[Settings, dict[str, str]]:
     """The settings, and the configuration errors by variable.
 
     :func:`~cfi_pipelines.settings.get_settings` stops at the first unusable
-    variable; here each one is read on its own (through the settings module's
-    own readers) so that one bad value fails its component only.
+    variable; :func:`~cfi_pipelines.settings.read_settings` reads each one on its
+    own, so that one bad value fails its component only.
     """
-    try:
-        return cfg.get_settings(), {}
-    except ConfigError:
-        pass
-    errors: dict[str, str] = {}
-
-    def read(name: str, fn: Callable[[], object], fallback: object) -> object:
-        try:
-            return fn()
-        except ConfigError as exc:
-            errors[_variable_of(exc) if _variable_of(exc) != "?" else name] = str(exc)
-            return fallback
-
-    home = Path(cfg._env("CFI_HOME") or "./.cfi").expanduser().resolve()
-    urls = {
-        attr: read(var, lambda v=var, f=file: cfg._db_url(v, cfg._sqlite_url(home / f)), "")
-        for _, var, attr, file in DATABASES
-    }
-    environment = read("CFI_ENV", cfg._environment, "local")
-    s = Settings(
-        home=home,
-        environment=environment,  # type: ignore[arg-type]
-        **urls,  # type: ignore[arg-type]
-        sftp_host=cfg._env("CFI_SFTP_HOST"),
-        sftp_port=int(read("CFI_SFTP_PORT", lambda: cfg._number("CFI_SFTP_PORT", 22), 22)),
-        sftp_user=cfg._env("CFI_SFTP_USER"),
-        sftp_key=cfg._env("CFI_SFTP_KEY"),
-        sftp_known_hosts=cfg._env("CFI_SFTP_KNOWN_HOSTS"),
-        sftp_dir=cfg._env("CFI_SFTP_DIR") or "/",
-        sftp_write_size=int(
-            read("CFI_SFTP_WRITE_SIZE", lambda: cfg._number("CFI_SFTP_WRITE_SIZE", 0), 0)
-        ),
-        export_retry_delay=float(
-            read(
-                "CFI_EXPORT_RETRY_DELAY",
-                lambda: cfg._number("CFI_EXPORT_RETRY_DELAY", 5.0, float),
-                5.0,
-            )
-        ),
-        api_url=cfg._env("CFI_API_URL"),
-        api_token=cfg._env("CFI_API_TOKEN"),
-        automation=True,
-        webserver_url=(cfg._env("DAGSTER_WEBSERVER_URL") or "http://127.0.0.1:3000").rstrip("/"),
-        dagster_home_env=cfg._env("DAGSTER_HOME"),
-        alerts=read("CFI_ALERT_SMTP_PORT", cfg._alert_settings, cfg.AlertSettings()),  # type: ignore[arg-type]
-    )
-    return s, errors
+    return cfg.read_settings()
 
 
 # --------------------------------------------------------------------------- databases

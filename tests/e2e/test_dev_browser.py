@@ -128,7 +128,12 @@ def _kill_leftovers(session: DevSession) -> None:
 @pytest.fixture
 def dev_session(tmp_path: Path, cfi_home: Path) -> Iterator[DevSession]:
     """`cfi-pipelines demo`, then `cfi-pipelines dev` on free ports; stopped (whole group) after."""
-    env = {**os.environ, "CFI_HOME": str(cfi_home), "CFI_SFTP_PORT": str(free_port())}
+    env = {
+        **os.environ,
+        "CFI_HOME": str(cfi_home),
+        "CFI_SFTP_PORT": str(free_port()),
+        "CFI_EXPORT_RETRY_DELAY": "1",  # a failing delivery fails in seconds, not a minute
+    }
     # The demo seeds, refreshes and delivers the seeded campaigns: the daemon then starts
     # from an operator's steady state, not from a backlog of a dozen runs on a small machine.
     demo = subprocess.run(
@@ -212,6 +217,15 @@ def _in_flight(url: str) -> list[str]:
     return [f"{r['jobName']} {r['runId'][:8]}" for r in runs]
 
 
+def _delivery_statuses(url: str) -> dict[str, list[str]]:
+    return graphql(
+        url,
+        '{ assetNodeOrError(assetKey: {path: ["cfi_export", "campaign_delivery"]}) '
+        "{ ... on AssetNode { assetPartitionStatuses { ... on DefaultPartitionStatuses "
+        "{ materializedPartitions failedPartitions } } } } }",
+    )["assetNodeOrError"]["assetPartitionStatuses"]
+
+
 def _schedules(url: str) -> list[dict]:
     repos = graphql(
         url,
@@ -265,12 +279,7 @@ def test_dev_ui_in_a_browser_and_the_daemon_delivers(
             for r in conn.execute(sa.select(e.campaign_id).where(e.status == "delivered")).scalars()
         }
     assert rejected and delivered
-    statuses = graphql(
-        url,
-        '{ assetNodeOrError(assetKey: {path: ["cfi_export", "campaign_delivery"]}) '
-        "{ ... on AssetNode { assetPartitionStatuses { ... on DefaultPartitionStatuses "
-        "{ materializedPartitions failedPartitions } } } } }",
-    )["assetNodeOrError"]["assetPartitionStatuses"]
+    statuses = _delivery_statuses(url)
     assert not rejected & set(statuses["failedPartitions"]), statuses
     assert not rejected & set(statuses["materializedPartitions"])
     assert delivered <= set(statuses["materializedPartitions"])
@@ -374,6 +383,26 @@ def test_dev_ui_in_a_browser_and_the_daemon_delivers(
     tags = {t["key"]: t["value"] for t in runs[0]["tags"]}
     assert tags["dagster/sensor_name"] == "validated_campaigns_sensor"
     assert tags["dagster/run_key"] == "9001:r4"
+
+    # An SFTP failure reads as a failed delivery, unlike a rejection: the tenant's folder
+    # on the drop is a file, so every upload attempt of campaign 9002 fails
+    (dev_session.home / "sftp" / "root" / "E2EFAIL").write_text("not a folder")
+    with engine.begin() as conn:
+        add_campaign(conn, 9002, tenant_code="E2EFAIL", name="Campagne e2e KO", revision=1)
+
+    def delivery_failed() -> bool:
+        return "9002" in _delivery_statuses(url)["failedPartitions"]
+
+    poll("campaign 9002's delivery to fail", DELIVERY_DEADLINE_S, delivery_failed)
+    statuses = _delivery_statuses(url)
+    assert not rejected & set(statuses["failedPartitions"]), statuses
+    png = SCREENSHOTS / "campaign-delivery-rejected-vs-failed.png"
+    shot = _browse(
+        f"{url}/assets/cfi_export/campaign_delivery?view=partitions", png, tmp_path / "chromium-f"
+    )
+    text = _visible_text(shot.communicate(timeout=60)[0])
+    assert "Failed (1)" in text and f"Missing ({len(rejected)})" in text, text[:2000]
+    print(f"screenshot: {png} (9002 failed over SFTP: red; rejected {sorted(rejected)}: missing)")
 
     # Ctrl-C stops everything `cfi-pipelines dev` started: dagster dev and its daemon,
     # webserver, code servers and runs (another session), the SFTP server and the API
