@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import dagster as dg
 
-from cfi_pipelines.assets.exports import campaign_export_job, export_assets
+from cfi_pipelines.assets.exports import (
+    campaign_export_batch_job,
+    campaign_export_job,
+    export_assets,
+)
 from cfi_pipelines.assets.fallback import fallback_assets, fallback_snapshots_job
 from cfi_pipelines.assets.sources import source_assets
 from cfi_pipelines.assets.views import (
@@ -26,6 +30,7 @@ from cfi_pipelines.sensors.campaigns import build_campaigns_sensor
 from cfi_pipelines.sensors.changes import build_view_change_sensor
 from cfi_pipelines.sensors.health import build_alert_sensors
 from cfi_pipelines.sensors.lag import build_view_lag_sensor
+from cfi_pipelines.sensors.retention import build_retention_sensor
 
 
 def build_defs(**resource_overrides: object) -> dg.Definitions:
@@ -36,12 +41,19 @@ def build_defs(**resource_overrides: object) -> dg.Definitions:
     return dg.Definitions(
         assets=[*source_assets, *view_assets, *fallback_assets, *export_assets],
         asset_checks=view_checks,
-        jobs=[refresh_views_job, check_views_job, fallback_snapshots_job, campaign_export_job],
+        jobs=[
+            refresh_views_job,
+            check_views_job,
+            fallback_snapshots_job,
+            campaign_export_job,
+            campaign_export_batch_job,
+        ],
         schedules=build_view_schedules(),
         sensors=[
             build_view_change_sensor(),
             build_view_lag_sensor(),
             build_campaigns_sensor(),
+            build_retention_sensor(),
             *build_alert_sensors(),
         ],
         resources={**build_resources(), **resource_overrides},

@@ -95,6 +95,8 @@ class Settings:
     webserver_url: str
     dagster_home_env: str | None
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    partition_retention_days: int = 30
+    partition_max: int = 20_000
 
     @property
     def local(self) -> bool:
@@ -259,6 +261,16 @@ def read_settings() -> tuple[Settings, dict[str, str]]:
         webserver_url=(_env("DAGSTER_WEBSERVER_URL") or "http://127.0.0.1:3000").rstrip("/"),
         dagster_home_env=_env("DAGSTER_HOME"),
         alerts=read("CFI_ALERT_SMTP_PORT", _alert_settings, AlertSettings()),
+        partition_retention_days=int(
+            read(
+                "CFI_PARTITION_RETENTION_DAYS",
+                lambda: _number("CFI_PARTITION_RETENTION_DAYS", 30),
+                30,
+            )
+        ),
+        partition_max=int(
+            read("CFI_PARTITION_MAX", lambda: _number("CFI_PARTITION_MAX", 20_000), 20_000)
+        ),
     )
     return settings, errors
 

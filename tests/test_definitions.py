@@ -64,11 +64,12 @@ def test_lists_everything_with_one_set_of_resources(tmp_path, monkeypatch):
         "view_change_sensor",
         "view_lag_sensor",
         "validated_campaigns_sensor",
+        "campaign_partitions_retention",
         "view_health_alerts",
         "alert_on_run_failure",
         "recover_run_failure_alerts",
     }
-    for job in ("refresh_views", "fallback_snapshots", "campaign_export"):
+    for job in ("refresh_views", "fallback_snapshots", "campaign_export", "campaign_export_batch"):
         assert defs.resolve_job_def(job)
     assert set(defs.resources) == {
         "cfi_source",

@@ -8,6 +8,8 @@ write the outcome to MyCfia's ``campaign_exports`` table, and alert (resource
 error no retry can fix), then "recovered" once the campaign is delivered.
 """
 
+import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,13 +17,17 @@ import dagster as dg
 import sqlalchemy as sa
 
 from cfi_pipelines.alerting import messages as alerting
-from cfi_pipelines.clock import utcnow
-from cfi_pipelines.db import write_transaction
-from cfi_pipelines.exports.campaign import NotDeliverable, SFTPTarget, deliver_campaign
-from cfi_pipelines.exports.document import ExportBundle, build_export
+from cfi_pipelines.exports.campaign import (
+    DeliveryOutcome,
+    NotDeliverable,
+    SFTPTarget,
+    SharedSession,
+    build_campaign,
+    deliver_campaign,
+)
+from cfi_pipelines.exports.document import ExportBundle
 from cfi_pipelines.exports.errors import CampaignNotExportable
-from cfi_pipelines.exports.records import latest_export, record_export
-from cfi_pipelines.model import mycfia as model
+from cfi_pipelines.exports.records import latest_export
 from cfi_pipelines.resources.alerter import AlertsResource
 from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.resources.sftp import SFTPResource
@@ -72,6 +78,45 @@ def _files_metadata(bundle: ExportBundle) -> dict[str, Any]:
     return meta
 
 
+def _check_description(bundle: ExportBundle) -> str | None:
+    return None if bundle.valid else bundle.error_text(limit=10)
+
+
+def _check_metadata(bundle: ExportBundle, partition: str) -> dict[str, Any]:
+    return {
+        "campaign_id": bundle.campaign_id,
+        "partition": partition,
+        "revision": bundle.revision,
+        "error_count": dg.MetadataValue.int(bundle.error_count),
+        "errors": dg.MetadataValue.json(
+            [{"pointer": e.pointer, "message": e.message} for e in bundle.errors]
+        ),
+    }
+
+
+def _report_rejected(
+    context: dg.OpExecutionContext, alerts: AlertsResource, bundle: ExportBundle
+) -> None:
+    """Log and alert a rejected campaign (once per revision: the alerter keeps the episode)."""
+    context.log.error(
+        f"campaign {bundle.campaign_id} r{bundle.revision} rejected:\n{bundle.error_text()}"
+    )
+    reasons = [str(e) for e in bundle.errors[:20]]
+    if bundle.error_count > len(reasons):
+        reasons.append(f"... and {bundle.error_count - len(reasons)} more (see the run)")
+    _alert(
+        context,
+        "campaign rejected",
+        alerting.alert_campaign_rejected,
+        bundle.campaign_id,
+        bundle.revision,
+        reasons,
+        tenant=bundle.tenant_code or None,
+        run_id=context.run.run_id,
+        alerter=alerts.alerter(context.log),
+    )
+
+
 @dg.asset(
     key=FILES_KEY,
     partitions_def=campaigns_partitions,
@@ -94,84 +139,22 @@ def campaign_files(
 ) -> dg.MaterializeResult:
     """Build and validate one campaign's export; record pending or rejected."""
     campaign_id = _campaign_id(context)
-    engine = mycfia.engine()
-    with write_transaction(engine) as conn:  # one transaction: campaign and targets agree
-        try:
-            bundle = build_export(conn, campaign_id, get_settings().outbox_dir)
-        except CampaignNotExportable as exc:
-            raise dg.Failure(
-                str(exc), metadata={"campaign_id": campaign_id}, allow_retries=False
-            ) from None
-        common = {
-            "run_id": context.run.run_id,
-            "requested_at": utcnow(),
-            "validated_at": bundle.validated_at,
-            "row_count": bundle.row_count,
-        }
-        if bundle.valid:
-            # a re-send of a delivered revision stays delivered (its files are on the drop)
-            # and keeps its first delivery time (the export latency is measured to it)
-            e = model.campaign_exports.c
-            was_delivered = conn.execute(
-                sa.select(e.status).where(
-                    e.campaign_id == campaign_id, e.revision == bundle.revision
-                )
-            ).scalar() == "delivered"
-            record_export(
-                conn,
-                campaign_id,
-                bundle.revision,
-                status="delivered" if was_delivered else "pending",
-                error=None,
-                local_manifest=str(bundle.local_path("manifest")),
-                json_sha256=bundle.files["json"]["sha256"],
-                json_bytes=bundle.files["json"]["bytes"],
-                csv_sha256=bundle.files["csv"]["sha256"],
-                csv_bytes=bundle.files["csv"]["bytes"],
-                **common,
-            )
-        else:
-            record_export(
-                conn,
-                campaign_id,
-                bundle.revision,
-                status="rejected",
-                error=bundle.error_text(),
-                delivered_at=None,
-                **common,
-            )
+    try:
+        bundle = build_campaign(
+            mycfia.engine(), campaign_id, get_settings().outbox_dir, context.run.run_id
+        )
+    except CampaignNotExportable as exc:
+        raise dg.Failure(
+            str(exc), metadata={"campaign_id": campaign_id}, allow_retries=False
+        ) from None
     if not bundle.valid:
-        context.log.error(
-            f"campaign {campaign_id} r{bundle.revision} rejected:\n{bundle.error_text()}"
-        )
-        reasons = [str(e) for e in bundle.errors[:20]]
-        if bundle.error_count > len(reasons):
-            reasons.append(f"... and {bundle.error_count - len(reasons)} more (see the run)")
-        _alert(  # once per (campaign, revision): the alerter keeps the episode open
-            context,
-            "campaign rejected",
-            alerting.alert_campaign_rejected,
-            campaign_id,
-            bundle.revision,
-            reasons,
-            tenant=bundle.tenant_code or None,
-            run_id=context.run.run_id,
-            alerter=alerts.alerter(context.log),
-        )
+        _report_rejected(context, alerts, bundle)
     check = dg.AssetCheckResult(
         check_name=CHECK_NAME,
         passed=bundle.valid,
         severity=dg.AssetCheckSeverity.ERROR,
-        description=None if bundle.valid else bundle.error_text(limit=10),
-        metadata={
-            "campaign_id": campaign_id,
-            "partition": context.partition_key,
-            "revision": bundle.revision,
-            "error_count": dg.MetadataValue.int(bundle.error_count),
-            "errors": dg.MetadataValue.json(
-                [{"pointer": e.pointer, "message": e.message} for e in bundle.errors]
-            ),
-        },
+        description=_check_description(bundle),
+        metadata=_check_metadata(bundle, context.partition_key),
     )
     meta = _files_metadata(bundle)
     meta["status"] = "pending" if bundle.valid else "rejected"
@@ -229,18 +212,7 @@ def campaign_delivery(
     alerter = alerts.alerter(context.log)
     if not outcome.delivered:
         if outcome.final_failure:
-            _alert(
-                context,
-                "export failed",
-                alerting.alert_export_failed,
-                campaign_id,
-                outcome.revision,
-                outcome.message,
-                tenant=outcome.bundle.tenant_code if outcome.bundle else None,
-                attempts=attempt,
-                run_id=context.run.run_id,
-                alerter=alerter,
-            )
+            _report_final_failure(context, alerter, outcome, attempt)
         raise dg.Failure(
             outcome.message + (" (will retry)" if outcome.retry else ""),
             metadata={
@@ -252,10 +224,40 @@ def campaign_delivery(
             },
             allow_retries=outcome.retry,
         )
+    context.log.info(outcome.message)
+    _alert(
+        context,
+        "recovered",
+        alerting.resolve_export,
+        campaign_id,
+        outcome.revision,
+        alerter=alerter,
+    )
+    yield dg.MaterializeResult(metadata=_delivery_metadata(outcome, attempt))
+
+
+def _report_final_failure(
+    context: dg.OpExecutionContext, alerter: Any, outcome: DeliveryOutcome, attempt: int
+) -> None:
+    _alert(
+        context,
+        "export failed",
+        alerting.alert_export_failed,
+        outcome.campaign_id,
+        outcome.revision,
+        outcome.message,
+        tenant=outcome.bundle.tenant_code if outcome.bundle else None,
+        attempts=attempt,
+        run_id=context.run.run_id,
+        alerter=alerter,
+    )
+
+
+def _delivery_metadata(outcome: DeliveryOutcome, attempt: int) -> dict[str, Any]:
     bundle, delivery = outcome.bundle, outcome.delivery
     assert bundle is not None and delivery is not None
     meta: dict[str, Any] = {
-        "campaign_id": campaign_id,
+        "campaign_id": outcome.campaign_id,
         "revision": outcome.revision,
         "tenant_code": bundle.tenant_code,
         "attempts": dg.MetadataValue.int(attempt),
@@ -269,16 +271,7 @@ def campaign_delivery(
     meta.update({f"remote_{k}": v for k, v in delivery.remote_paths.items()})
     if outcome.seconds_from_validation is not None:
         meta["seconds_from_validation"] = dg.MetadataValue.float(outcome.seconds_from_validation)
-    context.log.info(outcome.message)
-    _alert(
-        context,
-        "recovered",
-        alerting.resolve_export,
-        campaign_id,
-        outcome.revision,
-        alerter=alerter,
-    )
-    yield dg.MaterializeResult(metadata=meta)
+    return meta
 
 
 export_assets = [campaign_files, campaign_delivery]
@@ -291,3 +284,177 @@ campaign_export_job = dg.define_asset_job(
     description="Export one campaign (partition = campaign id): build, validate, upload over SFTP.",
 )
 """The job the sensor and ``cfi-pipelines export`` run: build, check, deliver."""
+
+
+# ------------------------------------------------------------------ many campaigns, one run
+# A burst of validated campaigns (a seasonal push: hundreds at once) is exported by runs
+# of ``campaign_export_batch``: one process start and ONE SFTP connection for up to
+# BATCH_SIZE campaigns, instead of one run (a process start, a connection) each. The op
+# reports, per campaign, what the two assets of ``campaign_export`` would: the
+# materialization of cfi_export/campaign_files and its check valid_against_schema, then
+# the materialization of cfi_export/campaign_delivery, all with partition=<campaign id>.
+
+BATCH_JOB_NAME = "campaign_export_batch"
+
+
+class CampaignBatchConfig(dg.Config):
+    """The campaigns of one batch run (their current revision is exported)."""
+
+    campaigns: list[int]
+    max_attempts: int = MAX_RETRIES + 1
+    """Delivery attempts per campaign in the run (the first + in-run retries)."""
+
+
+def _retry_pause(attempt: int) -> float:
+    """Seconds before attempt ``attempt + 1``: the delivery asset's backoff, jittered."""
+    base = (DELIVERY_RETRY_POLICY.delay or 0) * 2 ** (attempt - 1)  # read at load, as above
+    return base * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not security
+
+
+def deliver_with_retries(
+    context: dg.OpExecutionContext,
+    engine: sa.Engine,
+    target: SFTPTarget,
+    campaign_id: int,
+    max_attempts: int,
+    *,
+    first_attempt: int = 1,
+) -> tuple[DeliveryOutcome, int]:
+    """Deliver one campaign over the batch's connection, re-trying transient failures
+    in the run like the delivery asset's RetryPolicy does. (outcome, attempt number)"""
+    attempt = first_attempt
+    while True:
+        outcome = deliver_campaign(
+            engine, target, campaign_id, attempt=attempt, max_attempts=max_attempts
+        )
+        if not outcome.retry:
+            return outcome, attempt
+        pause = _retry_pause(attempt)
+        context.log.warning(f"{outcome.message} (will retry in {pause:.1f}s)")
+        time.sleep(pause)
+        attempt += 1
+
+
+@dg.op(
+    name="export_campaign_batch",
+    description="Build, validate and deliver a batch of campaigns over one SFTP connection; "
+    "per campaign: materializations of cfi_export/campaign_files and "
+    "cfi_export/campaign_delivery and the check valid_against_schema (partition = id).",
+    tags={"kind": "sftp"},
+    out={},  # events only: the per-campaign materializations and check evaluations
+)
+def export_campaign_batch(
+    context: dg.OpExecutionContext,
+    config: CampaignBatchConfig,
+    mycfia: DatabaseResource,
+    sftp: SFTPResource,
+    alerts: AlertsResource,
+) -> Iterator[dg.AssetMaterialization | dg.AssetCheckEvaluation]:
+    """One run, many campaigns. A rejected campaign is a failed check (never a failed
+    delivery); a delivery that failed is recorded (transient ones are re-tried later by
+    the sensor) and fails the run at the end, once every other campaign went through."""
+    engine = mycfia.engine()
+    outbox = get_settings().outbox_dir
+    alerter = alerts.alerter(context.log)
+    shared = SharedSession(sftp.open)
+    target = SFTPTarget(sftp.host, sftp.port, sftp.target, sftp.remote_dir, shared.session)
+    problems: dict[int, str] = {}
+    counts = {"delivered": 0, "rejected": 0, "failed": 0}
+    try:
+        for campaign_id in config.campaigns:
+            partition = str(campaign_id)
+            try:
+                bundle = build_campaign(engine, campaign_id, outbox, context.run.run_id)
+            except CampaignNotExportable as exc:
+                context.log.error(str(exc))
+                problems[campaign_id] = str(exc)
+                counts["failed"] += 1
+                continue
+            files_meta = _files_metadata(bundle)
+            files_meta["status"] = "pending" if bundle.valid else "rejected"
+            yield dg.AssetMaterialization(FILES_KEY, partition=partition, metadata=files_meta)
+            yield dg.AssetCheckEvaluation(
+                asset_key=FILES_KEY,
+                check_name=CHECK_NAME,
+                passed=bundle.valid,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=_check_description(bundle),
+                metadata=_check_metadata(bundle, partition),
+                partition=partition,
+            )
+            if not bundle.valid:
+                _report_rejected(context, alerts, bundle)
+                counts["rejected"] += 1
+                continue
+            try:
+                outcome, attempts = deliver_with_retries(
+                    context,
+                    engine,
+                    target,
+                    campaign_id,
+                    config.max_attempts,
+                    # server unreachable for the batch: one (final) attempt, failing at once
+                    first_attempt=config.max_attempts if shared.gave_up else 1,
+                )
+            except NotDeliverable as exc:
+                problems[campaign_id] = str(exc)
+                counts["failed"] += 1
+                continue
+            if not outcome.delivered:
+                context.log.error(outcome.message)
+                problems[campaign_id] = outcome.message
+                counts["failed"] += 1
+                if outcome.final_failure:
+                    _report_final_failure(context, alerter, outcome, attempts)
+                if shared.open_error is not None and not shared.gave_up:
+                    # the server could not be reached on any attempt: the others would
+                    # wait as long for nothing; they are recorded failed now, re-tried later
+                    shared.give_up(
+                        "not attempted: the SFTP server could not be reached for the "
+                        f"previous campaign of this batch ({campaign_id}, {attempts} attempts: "
+                        f"{type(shared.open_error).__name__}: {shared.open_error})"
+                    )
+                continue
+            context.log.info(outcome.message)
+            counts["delivered"] += 1
+            _alert(
+                context,
+                "recovered",
+                alerting.resolve_export,
+                campaign_id,
+                outcome.revision,
+                alerter=alerter,
+            )
+            yield dg.AssetMaterialization(
+                DELIVERY_KEY, partition=partition, metadata=_delivery_metadata(outcome, attempts)
+            )
+    finally:
+        shared.close()
+    summary = (
+        f"{len(config.campaigns)} campaigns: {counts['delivered']} delivered, "
+        f"{counts['rejected']} rejected, {counts['failed']} failed; "
+        f"{shared.opened} SFTP connection(s)"
+    )
+    context.log.info(summary)
+    if problems:
+        raise dg.Failure(
+            f"{summary}. Failed:\n"
+            + "\n".join(f"campaign {cid}: {why}" for cid, why in problems.items()),
+            metadata={
+                "failed_campaigns": dg.MetadataValue.json(sorted(problems)),
+                **{k: dg.MetadataValue.int(v) for k, v in counts.items()},
+            },
+            allow_retries=False,
+        )
+
+
+@dg.job(
+    name=BATCH_JOB_NAME,
+    executor_def=dg.in_process_executor,
+    description="Export a batch of campaigns (config: their ids) in one run over one SFTP "
+    "connection; requested by validated_campaigns_sensor when many are due at once. Per "
+    "campaign it reports what campaign_export does, with partition = campaign id.",
+    tags={"cfi/trigger": "batch"},
+)
+def campaign_export_batch_job() -> None:
+    export_campaign_batch()

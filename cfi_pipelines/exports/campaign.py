@@ -1,16 +1,19 @@
-"""Deliver one built campaign export: the whole attempt as a plain function.
+"""Build and deliver one campaign export: each step as a plain function.
 
-:func:`deliver_campaign` loads what ``campaign_files`` built, uploads it over one
-SFTP connection (:func:`cfi_pipelines.exports.delivery.deliver`), records the
-outcome in ``campaign_exports`` and returns a :class:`DeliveryOutcome` that says
-whether a retry can help. The Dagster asset only turns the outcome into a
-materialization or a ``Failure`` and alerts.
+:func:`build_campaign` builds and validates a campaign's files in the outbox and
+records ``pending`` or ``rejected`` in ``campaign_exports``.
+:func:`deliver_campaign` loads what was built, uploads it over an SFTP connection
+(:func:`cfi_pipelines.exports.delivery.deliver`), records the outcome and returns
+a :class:`DeliveryOutcome` that says whether a retry can help. The Dagster assets
+(one campaign per run) and the batch op (many campaigns per run, one connection:
+:class:`SharedSession`) only turn the outcomes into events and alerts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,13 +24,14 @@ import sqlalchemy as sa
 from cfi_pipelines.clock import iso_z, utcnow
 from cfi_pipelines.db import write_transaction
 from cfi_pipelines.exports.delivery import BUG, PERMANENT, Delivery, classify_error, deliver
-from cfi_pipelines.exports.document import ExportBundle, load_bundle
+from cfi_pipelines.exports.document import ExportBundle, build_export, load_bundle
 from cfi_pipelines.exports.errors import ExportError
 from cfi_pipelines.exports.records import (
     MAX_AUTO_RETRIES,
     TRANSIENT,
     latest_export,
     record_delivered,
+    record_export,
     record_failed_attempt,
 )
 from cfi_pipelines.exports.records import PERMANENT as PERMANENT_FAILURE
@@ -75,6 +79,111 @@ class DeliveryOutcome:
     def final_failure(self) -> bool:
         """Failed for good: the operator must act (alert once)."""
         return self.status == "failed"
+
+
+def build_campaign(
+    engine: sa.Engine, campaign_id: int, outbox: Path, run_id: str | None
+) -> ExportBundle:
+    """Build and validate the campaign's current revision in ``outbox`` and record it:
+    ``pending`` (valid), ``rejected`` (with its errors), or still ``delivered`` when that
+    revision already is (a re-send keeps its first delivery time). Raises
+    :class:`~cfi_pipelines.exports.errors.CampaignNotExportable` (draft, unknown...)."""
+    with write_transaction(engine) as conn:  # one transaction: campaign and targets agree
+        bundle = build_export(conn, campaign_id, outbox)
+        common = {
+            "run_id": run_id,
+            "requested_at": utcnow(),
+            "validated_at": bundle.validated_at,
+            "row_count": bundle.row_count,
+        }
+        if bundle.valid:
+            e = model.campaign_exports.c
+            was_delivered = (
+                conn.execute(
+                    sa.select(e.status).where(
+                        e.campaign_id == campaign_id, e.revision == bundle.revision
+                    )
+                ).scalar()
+                == "delivered"
+            )
+            record_export(
+                conn,
+                campaign_id,
+                bundle.revision,
+                status="delivered" if was_delivered else "pending",
+                error=None,
+                local_manifest=str(bundle.local_path("manifest")),
+                json_sha256=bundle.files["json"]["sha256"],
+                json_bytes=bundle.files["json"]["bytes"],
+                csv_sha256=bundle.files["csv"]["sha256"],
+                csv_bytes=bundle.files["csv"]["bytes"],
+                **common,
+            )
+        else:
+            record_export(
+                conn,
+                campaign_id,
+                bundle.revision,
+                status="rejected",
+                error=bundle.error_text(),
+                delivered_at=None,
+                **common,
+            )
+    return bundle
+
+
+class SharedSession:
+    """One SFTP connection reused by many deliveries (a batch run), opened on first use.
+
+    ``session`` is what :class:`SFTPTarget` wants as ``open_session``: it yields the
+    open connection and does not close it, except when the delivery using it raised
+    (the link may be broken: the next delivery opens a new one). :meth:`close` at the
+    end. ``opened`` counts connections; ``open_error`` is the last failure to connect
+    (None once a connection opened). After :meth:`give_up`, every ``session`` fails at
+    once with a transient error: the server was unreachable on every attempt, the
+    remaining campaigns are recorded failed (and re-tried later) without waiting again.
+    """
+
+    def __init__(self, open_: Callable[[], SFTPConnection]) -> None:
+        self._open = open_
+        self._conn: SFTPConnection | None = None
+        self.opened = 0
+        self.open_error: BaseException | None = None
+        self._gave_up: str | None = None
+
+    def give_up(self, why: str) -> None:
+        self._gave_up = why
+
+    @property
+    def gave_up(self) -> bool:
+        return self._gave_up is not None
+
+    @contextmanager
+    def session(self) -> Iterator[SFTPConnection]:
+        if self._gave_up is not None:
+            raise ConnectionError(self._gave_up)
+        if self._conn is None:
+            try:
+                self._conn = self._open()
+            except BaseException as exc:
+                self.open_error = exc
+                raise
+            self.open_error = None
+            self.opened += 1
+        try:
+            yield self._conn
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # may be broken already: best effort
+                conn.close()
+
+    def close(self) -> None:
+        self.discard()
 
 
 def deliver_campaign(

@@ -50,22 +50,16 @@ def collect_status() -> dict[str, Any]:
             out["problems"].append(f"view {spec.name}: {format_age(age)}")
     try:
         e = mycfia.campaign_exports.c
+        # the campaign's latest revision: no newer row of the same campaign (one index probe
+        # on (campaign_id, revision) per row), not a GROUP BY over the whole table joined back
+        newer = mycfia.campaign_exports.alias("newer")
+        latest = ~sa.exists().where(
+            (newer.c.campaign_id == e.campaign_id) & (newer.c.revision > e.revision)
+        )
         with engine_for(s.mycfia_url).connect() as conn:
-            latest = (
-                sa.select(e.campaign_id, sa.func.max(e.revision).label("revision"))
-                .group_by(e.campaign_id)
-                .subquery()
-            )
             rows = conn.execute(
                 sa.select(e.status, sa.func.count(), sa.func.min(e.requested_at))
-                .select_from(
-                    mycfia.campaign_exports.join(
-                        latest,
-                        sa.and_(
-                            latest.c.campaign_id == e.campaign_id, latest.c.revision == e.revision
-                        ),
-                    )
-                )
+                .where(latest)
                 .group_by(e.status)
             ).all()
         out["exports"] = {st: n for st, n, _ in rows}
@@ -76,18 +70,9 @@ def collect_status() -> dict[str, Any]:
             for st in ("failed", "pending", "rejected"):
                 if not out["exports"].get(st):
                     continue
-                found = conn.execute(
+                found = conn.execute(  # index on status: the rows of that status only
                     sa.select(e.campaign_id, e.revision, e.error, e.updated_at)
-                    .select_from(
-                        mycfia.campaign_exports.join(
-                            latest,
-                            sa.and_(
-                                latest.c.campaign_id == e.campaign_id,
-                                latest.c.revision == e.revision,
-                            ),
-                        )
-                    )
-                    .where(e.status == st)
+                    .where(e.status == st, latest)
                     .order_by(e.updated_at.desc())
                     .limit(IDS_SHOWN)
                 ).all()

@@ -22,7 +22,7 @@ from cfi_pipelines.views.freshness import freshness_state, view_age
 from cfi_pipelines.views.refresh import read_status
 from cfi_pipelines.views.spec import VIEWS
 
-OWN_ALERTS_JOBS = frozenset({"campaign_export"})
+OWN_ALERTS_JOBS = frozenset({"campaign_export", "campaign_export_batch"})
 """Jobs whose failures are alerted by their assets, with campaign-level detail."""
 
 

@@ -68,3 +68,20 @@ def test_status_json_through_the_cli(sqlite_dbs: Databases, cfi_home: Path, caps
     st = json.loads(capsys.readouterr().out)
     assert st["campaigns"]["failed"][0]["campaign_id"] == 7
     assert ISO_Z.match(st["generated_at"])
+
+
+def test_status_counts_and_lists_only_each_campaign_latest_revision(cfi_home: Path):
+    engine = create_engine(f"sqlite:///{cfi_home}/mycfia.db")
+    mycfia.metadata.create_all(engine)
+    with write_transaction(engine) as conn:
+        record_export(conn, 1, 1, status="failed", error="r1 failed")
+        record_export(conn, 1, 2, status="delivered")  # the fix was delivered
+        record_export(conn, 2, 1, status="delivered")
+        record_export(conn, 2, 3, status="pending")
+        record_export(conn, 3, 2, status="rejected", error="/budget: required")
+        record_export(conn, 4, 1, status="failed", error=LONG_ERROR)
+    engine.dispose()
+    st = collect_status()
+    assert st["exports"] == {"delivered": 1, "pending": 1, "rejected": 1, "failed": 1}
+    ids = {k: [(c["campaign_id"], c["revision"]) for c in v] for k, v in st["campaigns"].items()}
+    assert ids == {"failed": [(4, 1)], "pending": [(2, 3)], "rejected": [(3, 2)]}

@@ -244,7 +244,14 @@ def test_due_retries_are_bounded_per_tick(db):
             ],
         )
     result = tick(url, utcnow(), cursor)
-    assert keys(result) == [f"{cid}:r1:retry1" for cid in range(1, MAX_RETRY_RUNS_PER_TICK + 1)]
+    # that many at once go in batch runs (tests/sensors/test_campaign_batches.py)
+    requested = [
+        cid
+        for r in result.run_requests
+        for cid in r.run_config["ops"]["export_campaign_batch"]["config"]["campaigns"]
+    ]
+    assert requested == list(range(1, MAX_RETRY_RUNS_PER_TICK + 1))
+    assert all(r.tags["cfi/retry"] == "batch" for r in result.run_requests)
 
 
 # --- end to end: real sshd down, then back -------------------------------------------
