@@ -154,7 +154,10 @@ def metrics(port: int, host: str, probe_tenant: int | None) -> int:
 @cli.command()
 @click.option("--port", type=int, default=3000, show_default=True, help="Dagster UI port")
 @click.option(
-    "--api-port", type=int, default=8765, show_default=True,
+    "--api-port",
+    type=int,
+    default=8765,
+    show_default=True,
     help="fake CFI API port when CFI_API_URL is unset (0: any free port)",
 )
 @_exits

@@ -106,7 +106,7 @@ def write_transaction(engine: Engine) -> Iterator[sa.Connection]:
 
 # --------------------------------------------------------------------------- bulk writes
 # Streaming bulk writes, with the fast path each database offers.
-# 
+#
 # PostgreSQL: ``COPY … FROM STDIN`` through psycopg 3. SQL Server: pyodbc's
 # ``fast_executemany`` (set on the engine). Everything else: SQLAlchemy
 # executemany in bounded batches. Rows are consumed from an iterator in batches,

@@ -35,7 +35,9 @@ def test_a_bad_value_names_its_variable(cfi_home, monkeypatch, tmp_path, name, v
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_production_without_a_key_or_known_hosts_says_which_variable(cfi_home, monkeypatch, tmp_path):
+def test_production_without_a_key_or_known_hosts_says_which_variable(
+    cfi_home, monkeypatch, tmp_path
+):
     monkeypatch.setenv("CFI_SFTP_HOST", "127.0.0.1")
     monkeypatch.setenv("CFI_SFTP_PORT", str(free_port()))
     s = get_settings()

@@ -144,5 +144,3 @@ class Alerter:
     def is_open(self, key: str) -> bool:
         with self.state.locked() as state:
             return key in state
-
-

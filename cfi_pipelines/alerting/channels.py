@@ -104,5 +104,3 @@ def _email(s: AlertSettings, alert: Alert) -> None:
 
 
 CHANNELS = {"slack": _slack, "webhook": _webhook, "email": _email}
-
-

@@ -349,5 +349,3 @@ def run_demo(scale: int = 1) -> int:
         return 1
     _say(f"demo: OK ({elapsed:.0f}s)")
     return 0
-
-

@@ -108,9 +108,7 @@ def run_export(
     engine = engine_for(get_settings().mycfia_url)
     c, e = mycfia.campaigns.c, mycfia.campaign_exports.c
     with engine.connect() as conn:
-        campaign = conn.execute(
-            sa.select(c.revision, c.status).where(c.id == campaign_id)
-        ).first()
+        campaign = conn.execute(sa.select(c.revision, c.status).where(c.id == campaign_id)).first()
         if campaign is None:
             return ExportRun(1, f"campaign {campaign_id} does not exist in MyCfia's DB")
         done = conn.execute(
@@ -129,23 +127,29 @@ def run_export(
         )
     instance = local_instance()
     instance.add_dynamic_partitions(campaigns_partitions.name, [str(campaign_id)])
-    result = (defs or location_defs).resolve_job_def("campaign_export").execute_in_process(
-        instance=instance,
-        partition_key=str(campaign_id),
-        run_config=QUIET_LOGS,
-        raise_on_error=False,
-        tags={"cfi/trigger": "cli", "cfi/campaign_id": str(campaign_id), **(tags or {})},
+    result = (
+        (defs or location_defs)
+        .resolve_job_def("campaign_export")
+        .execute_in_process(
+            instance=instance,
+            partition_key=str(campaign_id),
+            run_config=QUIET_LOGS,
+            raise_on_error=False,
+            tags={"cfi/trigger": "cli", "cfi/campaign_id": str(campaign_id), **(tags or {})},
+        )
     )
     with engine.connect() as conn:
         row = conn.execute(
-            sa.select(e.status, e.manifest_path, e.error)
-            .where(e.campaign_id == campaign_id, e.revision == revision)
+            sa.select(e.status, e.manifest_path, e.error).where(
+                e.campaign_id == campaign_id, e.revision == revision
+            )
         ).first()
     run = f"run {result.run_id}"
     reasons = list(dict.fromkeys(failure_descriptions(result)))
     if result.success and row is not None and row.status == "delivered":
         return ExportRun(
-            0, f"campaign {campaign_id} r{revision} delivered: {row.manifest_path} ({run})",
+            0,
+            f"campaign {campaign_id} r{revision} delivered: {row.manifest_path} ({run})",
             result.run_id,
         )
     if row is not None and row.status == "delivered":  # a failed re-send: nothing lost

@@ -110,7 +110,9 @@ def format_status(st: dict[str, Any]) -> list[str]:
     else:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(st["exports"].items())) or "none yet"
         pending = st.get("exports_oldest_pending")
-        lines.append(f"exports: {counts}" + (f" (oldest pending since {pending})" if pending else ""))
+        lines.append(
+            f"exports: {counts}" + (f" (oldest pending since {pending})" if pending else "")
+        )
         for status_name, items in (st.get("campaigns") or {}).items():
             total = st["exports"].get(status_name, len(items))
             ids = ", ".join(f"{c['campaign_id']} r{c['revision']}" for c in items)
@@ -119,6 +121,8 @@ def format_status(st: dict[str, Any]) -> list[str]:
             if status_name == "failed":
                 for c in items:
                     first = (c["error"] or "").strip().splitlines()
-                    lines.append(f"    {c['campaign_id']} r{c['revision']}: {first[0] if first else ''}")
+                    lines.append(
+                        f"    {c['campaign_id']} r{c['revision']}: {first[0] if first else ''}"
+                    )
     lines += [f"PROBLEM: {p}" for p in st["problems"]]
     return lines

@@ -249,7 +249,8 @@ def build_campaigns_sensor(
     @dg.sensor(
         name="validated_campaigns_sensor",
         jobs=[campaign_export_job, campaign_export_batch_job],
-        minimum_interval_seconds=15,
+        # 30 s: a campaign is on the drop within a minute, and an idle daemon stays cheap
+        minimum_interval_seconds=30,
         default_status=default_sensor_status(),
         description="Requests one export run per newly validated campaign revision "
         "(run key <campaign id>:r<revision>) and adds its 'campaigns' partition; re-tries "

@@ -81,6 +81,7 @@ def build_alert_sensors() -> list[dg.SensorDefinition]:
 
     @dg.run_failure_sensor(
         name="alert_on_run_failure",
+        minimum_interval_seconds=60,  # not Dagster's 30 s: the idle daemon's CPU adds up
         default_status=default_sensor_status(),
         description="Alert (Slack / webhook / e-mail) when a run of this code location fails.",
     )
@@ -105,6 +106,7 @@ def build_alert_sensors() -> list[dg.SensorDefinition]:
     @dg.run_status_sensor(
         run_status=dg.DagsterRunStatus.SUCCESS,
         name="recover_run_failure_alerts",
+        minimum_interval_seconds=60,
         default_status=default_sensor_status(),
         description="Send 'recovered' when a job (and scope) that had failed succeeds again.",
     )
@@ -118,7 +120,7 @@ def build_alert_sensors() -> list[dg.SensorDefinition]:
 
     @dg.sensor(
         name="view_health_alerts",
-        minimum_interval_seconds=60,
+        minimum_interval_seconds=120,  # it alerts at > 15 min: two minutes are plenty
         default_status=default_sensor_status(),
         description="Alert when a view's freshness is at ERROR (> 15 min) or it is served from CFI API data.",
     )

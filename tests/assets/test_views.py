@@ -192,10 +192,6 @@ def test_assets_carry_pools_and_freshness_policies(sqlite_dbs):
 
 
 def test_automation_is_on_by_default_and_off_with_cfi_automation(monkeypatch):
-    assert {s.default_status for s in build_view_schedules()} == {
-        dg.DefaultScheduleStatus.RUNNING
-    }
+    assert {s.default_status for s in build_view_schedules()} == {dg.DefaultScheduleStatus.RUNNING}
     monkeypatch.setenv("CFI_AUTOMATION", "off")
-    assert {s.default_status for s in build_view_schedules()} == {
-        dg.DefaultScheduleStatus.STOPPED
-    }
+    assert {s.default_status for s in build_view_schedules()} == {dg.DefaultScheduleStatus.STOPPED}

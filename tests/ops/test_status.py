@@ -28,7 +28,9 @@ def _exports(cfi_home: Path) -> None:
     engine = create_engine(f"sqlite:///{cfi_home}/mycfia.db")
     mycfia.metadata.create_all(engine)
     with write_transaction(engine) as conn:
-        record_export(conn, 5, 1, status="delivered", manifest_path="/T/campaign_5_r1.manifest.json")
+        record_export(
+            conn, 5, 1, status="delivered", manifest_path="/T/campaign_5_r1.manifest.json"
+        )
         record_export(conn, 6, 2, status="pending")
         record_export(conn, 7, 1, status="failed", error=LONG_ERROR)
         record_export(conn, 8, 3, status="rejected", error="/targets/1/email: not an e-mail")

@@ -130,3 +130,63 @@ def test_readers_see_the_rows_before_or_after_never_half(sqlite_dbs: Databases):
     after = before - len(ids[::10])
     assert result.deleted == len(ids[::10])
     assert seen <= {before, after}, sorted(seen)
+
+
+def test_no_bucket_scan_when_the_cache_has_no_more_rows_than_the_source(
+    sqlite_dbs: Databases, monkeypatch
+):
+    """Updates only: the totals match after the upsert, so the two GROUP BY scans
+    (and any key-by-key read) are skipped; the view still follows the source."""
+    _full(sqlite_dbs)
+    sl = src.stock_levels
+    with sqlite_dbs.source.begin() as conn:
+        conn.execute(
+            sl.update()
+            .where(sl.c.id % 50 == 0)
+            .values(quantity=sl.c.quantity + 7, updated_at=sa.func.now())
+        )
+    from cfi_pipelines.views import reconcile
+
+    def no_scan(*_a, **_kw):
+        raise AssertionError("bucket counts read although the totals match")
+
+    monkeypatch.setattr(reconcile, "_bucket_counts", no_scan)
+    monkeypatch.setattr(reconcile, "_keys_in", no_scan)
+    result = refresh_view(STOCKS, sqlite_dbs.source, sqlite_dbs.common)
+    assert (result.mode, result.deleted) == ("incremental", 0)
+    assert result.updated >= 1
+    got = _norm(_rows(sqlite_dbs.common, STOCKS.table, list(STOCKS.key)))
+    assert got == _norm(_expected(sqlite_dbs, STOCKS))
+    assert deleted_keys(STOCKS, sqlite_dbs.source, sqlite_dbs.common) == []
+
+
+def test_a_deletion_next_to_an_insertion_is_still_found(both: Databases):
+    """One row deleted and one inserted in the same window: the totals compare
+    unequal after the upsert (the insertion is loaded), so the buckets find the
+    deletion."""
+    _full(both)
+    sl = src.stock_levels
+    with both.source.connect() as conn:
+        ids = list(conn.scalars(sa.select(sl.c.id).order_by(sl.c.id)))
+        row = conn.execute(sa.select(sl).where(sl.c.id == ids[0])).one()
+        taken = set(conn.execute(sa.select(sl.c.product_id, sl.c.warehouse_id)).tuples())
+        warehouses = list(conn.scalars(sa.select(src.warehouses.c.id)))
+    new_wh = next(w for w in warehouses if (row.product_id, w) not in taken)
+    _delete_stock_rows(both, [ids[len(ids) // 2]])
+    with both.source.begin() as conn:
+        conn.execute(
+            sl.insert().values(
+                id=ids[-1] + 1,
+                tenant_id=row.tenant_id,
+                product_id=row.product_id,
+                warehouse_id=new_wh,
+                quantity=3,
+                reserved=0,
+                updated_at=sa.func.now(),
+            )
+        )
+    result = refresh_view(STOCKS, both.source, both.common)
+    assert (result.mode, result.inserted, result.deleted) == ("incremental", 1, 1)
+    assert _norm(_rows(both.common, STOCKS.table, list(STOCKS.key))) == _norm(
+        _expected(both, STOCKS)
+    )
