@@ -66,7 +66,12 @@ def _swap_waiting_on(monitor, holder_pid: int) -> int | None:
     return row[0] if row else None
 
 
-def test_idle_in_transaction_reader_does_not_stall_readers_and_is_named(pg_dbs, postgres):
+def test_idle_in_transaction_reader_does_not_stall_readers_and_is_named(
+    pg_dbs, postgres, monkeypatch
+):
+    # more attempts than in production, each as short: on a loaded machine the test's own
+    # steps must not outlast the swap's retries (the behaviour per attempt is the same)
+    monkeypatch.setattr(refresh, "SWAP_LOCK_ATTEMPTS", 10)
     spec = get_view("stocks")
     refresh_view(spec, pg_dbs.source, pg_dbs.common, mode="full")
     with pg_dbs.common.begin() as conn:
