@@ -376,7 +376,8 @@ def collect_kpis(
 def _print_table(report: dict[str, Any]) -> None:
     print(f"KPIs from {report['from']} to {report['to']} ({report['window_hours']:g} h)")
     rows = [(k["name"], k["target"], k["status"], k["measured"]) for k in report["kpis"]]
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    header = ("kpi", "target", "result")
+    w = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(3)]
     print(f"{'kpi':<{w[0]}}  {'target':<{w[1]}}  {'result':<{w[2]}}  measured")
     for name, target, status, measured in rows:
         print(f"{name:<{w[0]}}  {target:<{w[1]}}  {status:<{w[2]}}  {measured}")
