@@ -224,16 +224,23 @@ def campaign_delivery(
             },
             allow_retries=outcome.retry,
         )
+    _report_delivered(context, alerter, outcome)
+    yield dg.MaterializeResult(metadata=_delivery_metadata(outcome, attempt))
+
+
+def _report_delivered(
+    context: dg.OpExecutionContext, alerter: Any, outcome: DeliveryOutcome
+) -> None:
+    """Log the delivery and close the campaign's alert episode, if one was open."""
     context.log.info(outcome.message)
     _alert(
         context,
         "recovered",
         alerting.resolve_export,
-        campaign_id,
+        outcome.campaign_id,
         outcome.revision,
         alerter=alerter,
     )
-    yield dg.MaterializeResult(metadata=_delivery_metadata(outcome, attempt))
 
 
 def _report_final_failure(
@@ -415,16 +422,8 @@ def export_campaign_batch(
                         f"{type(shared.open_error).__name__}: {shared.open_error})"
                     )
                 continue
-            context.log.info(outcome.message)
             counts["delivered"] += 1
-            _alert(
-                context,
-                "recovered",
-                alerting.resolve_export,
-                campaign_id,
-                outcome.revision,
-                alerter=alerter,
-            )
+            _report_delivered(context, alerter, outcome)
             yield dg.AssetMaterialization(
                 DELIVERY_KEY, partition=partition, metadata=_delivery_metadata(outcome, attempts)
             )

@@ -46,7 +46,7 @@ from cfi_pipelines.clock import iso_z, utcnow
 from cfi_pipelines.db import write_transaction
 from cfi_pipelines.model import cfi_common as common
 from cfi_pipelines.resources.databases import DatabaseResource
-from cfi_pipelines.sensors.lag import _in_flight, probe_all
+from cfi_pipelines.sensors.lag import probe_all, view_run_in_flight
 from cfi_pipelines.settings import INCIDENT_WINDOW, default_sensor_status
 from cfi_pipelines.views.freshness import freshness_state, view_age
 from cfi_pipelines.views.probe import Signature, judge_views, probe_signatures
@@ -187,7 +187,7 @@ def change_tick(
     refresh, verified, notes = [], [], []
     for v in verdicts:
         row = statuses.get(v.view) or {}
-        if running := _in_flight(context.instance, v.view):
+        if running := view_run_in_flight(context.instance, v.view):
             notes.append(f"{v.view}: run {running[:8]} in flight")
         elif v.needs_refresh or row.get("source") not in (None, "db"):
             if _backing_off(row, probed_at):

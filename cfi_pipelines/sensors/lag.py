@@ -186,7 +186,7 @@ def decide_view(
     )
 
 
-def _in_flight(instance: dg.DagsterInstance, view: str) -> str | None:
+def view_run_in_flight(instance: dg.DagsterInstance, view: str) -> str | None:
     """The id of a queued/running run that refreshes or snapshots ``view``, if any."""
     targets = {view_key(view), fallback_key(view)}
     for job in (refresh_views_job.name, fallback_snapshots_job.name):
@@ -276,7 +276,7 @@ def evaluate(
         if d.action.startswith("fallback") and not api_configured:
             notes.append(f"{d.view}: {d.reason}; a fallback is needed but CFI_API_URL is not set")
             continue
-        if running := _in_flight(instance, d.view):
+        if running := view_run_in_flight(instance, d.view):
             notes.append(f"{d.view}: {d.reason}; run {running} is in flight, waiting")
             continue
         ep = cursor.views.get(d.view)
