@@ -35,7 +35,12 @@ from cfi_pipelines.exports.records import (
     record_failed_attempt,
 )
 from cfi_pipelines.exports.records import PERMANENT as PERMANENT_FAILURE
-from cfi_pipelines.exports.sftp_client import EmbeddedServerDown, HostKeyError, SFTPConnection
+from cfi_pipelines.exports.sftp_client import (
+    EmbeddedServerDown,
+    HostKeyError,
+    KeyLoadError,
+    SFTPConnection,
+)
 from cfi_pipelines.model import mycfia as model
 
 
@@ -257,9 +262,10 @@ def deliver_campaign(
                 retry=False,
             )
         if kind == PERMANENT:
+            says_what_to_do = HostKeyError | EmbeddedServerDown | KeyLoadError
             hint = (
                 ""
-                if isinstance(exc, HostKeyError | EmbeddedServerDown)  # these say what to do
+                if isinstance(exc, says_what_to_do)
                 else " Check CFI_SFTP_USER, CFI_SFTP_KEY and the server's authorized_keys "
                 "and permissions on CFI_SFTP_DIR; retrying cannot help."
             )

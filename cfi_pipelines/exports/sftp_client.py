@@ -154,23 +154,76 @@ def verify_host_key(
         )
 
 
+class KeyLoadError(AuthError):
+    """``CFI_SFTP_KEY`` is unset or does not give a usable private key: fix that variable."""
+
+
+_KEY_CLASSES = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
+_FIX = "set CFI_SFTP_KEY to the client's private key (a path, or the key text itself)"
+
+
+def _key_error(reason: str) -> KeyLoadError:
+    return KeyLoadError(f"the SFTP client key (CFI_SFTP_KEY) cannot be loaded: {reason}")
+
+
+def _parse_key(text: str, where: str, passphrase: str | None) -> paramiko.PKey:
+    """The key in ``text``; a :class:`KeyLoadError` saying why not (never echoing ``text``)."""
+    first = text.splitlines()[0] if text else ""
+    if first.startswith(("ssh-", "ecdsa-", "sk-")) and "PRIVATE" not in first:
+        raise _key_error(f"{where} is a public key: {_FIX} (the file without .pub)")
+    if not first.startswith("-----BEGIN") or "PRIVATE KEY" not in first:
+        raise _key_error(
+            f"{where} is not a private key (no -----BEGIN … PRIVATE KEY----- line): {_FIX}"
+        )
+    encrypted = "ENCRYPTED" in text[:200]
+    for cls in _KEY_CLASSES:
+        try:
+            return cls.from_private_key(io.StringIO(text + "\n"), password=passphrase)
+        except paramiko.PasswordRequiredException:
+            encrypted = True
+        except (paramiko.SSHException, ValueError, TypeError):
+            continue
+    if encrypted and not passphrase:
+        raise _key_error(
+            f"{where} is encrypted with a passphrase and none is given: give CFI_SFTP_KEY "
+            "an unencrypted key readable only by the Dagster user "
+            "(decrypt a copy with `ssh-keygen -p -N '' -f COPY`)"
+        )
+    if passphrase:
+        raise _key_error(f"{where}: the passphrase does not decrypt it (or it is corrupt): {_FIX}")
+    kind = first.removeprefix("-----BEGIN ").removesuffix("-----")
+    raise _key_error(
+        f"{where} ({kind}) is not a readable ed25519, ECDSA or RSA private key: {_FIX}"
+    )
+
+
 def load_private_key(value: str, passphrase: str | None = None) -> paramiko.PKey:
-    """A private key (ed25519, ECDSA or RSA) from a path or from the key text itself."""
+    """A private key (ed25519, ECDSA or RSA) from a path or from the key text itself.
+
+    Raises :class:`KeyLoadError` naming the file (never the key text), the reason
+    (missing, unreadable, a directory, a public key, encrypted, not a key) and
+    ``CFI_SFTP_KEY``.
+    """
     text = value.strip()
+    if not text:
+        raise _key_error(f"it is empty: {_FIX}")
+    if text.startswith("-----BEGIN"):
+        return _parse_key(text, "the key text in CFI_SFTP_KEY", passphrase)
+    path = Path(text).expanduser()
+    if "\n" in text or len(text) > 4096:
+        raise _key_error(f"it is neither a file name nor a -----BEGIN … key text: {_FIX}")
+    if not path.exists():
+        raise _key_error(f"CFI_SFTP_KEY names {path}, which does not exist: {_FIX}")
+    if path.is_dir():
+        raise _key_error(f"CFI_SFTP_KEY names {path}, which is a directory, not a key file")
     try:
-        if text.startswith("-----BEGIN"):
-            for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
-                try:
-                    return cls.from_private_key(io.StringIO(text + "\n"), password=passphrase)
-                except paramiko.SSHException:
-                    continue
-            raise paramiko.SSHException("not an ed25519, ECDSA or RSA private key")
-        return paramiko.PKey.from_path(Path(text).expanduser(), passphrase)
-    except (OSError, ValueError, paramiko.SSHException) as exc:
-        # Never echo the value: it may be the key itself.
-        raise AuthError(
-            f"the SFTP client key (CFI_SFTP_KEY) cannot be loaded: {type(exc).__name__}"
+        content = path.read_text(errors="replace").strip()
+    except OSError as exc:
+        raise _key_error(
+            f"{path} cannot be read ({exc.strerror or exc}): let the user running Dagster "
+            "read it, or point CFI_SFTP_KEY at a readable copy"
         ) from None
+    return _parse_key(content, f"the file {path}", passphrase)
 
 
 def _host_key_order(known: KnownHosts, host: str, port: int) -> list[str]:

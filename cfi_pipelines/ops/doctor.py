@@ -228,6 +228,7 @@ def check_sftp(s: Settings) -> Check:
         AuthError,
         EmbeddedServerDown,
         HostKeyError,
+        KeyLoadError,
         SFTPPermanentError,
     )
     from cfi_pipelines.resources.sftp import sftp_resource
@@ -248,7 +249,9 @@ def check_sftp(s: Settings) -> Check:
         return Check("sftp", FAIL, str(exc), "CFI_SFTP_HOST")
     except HostKeyError as exc:
         return Check("sftp", FAIL, f"{exc} (fix CFI_SFTP_KNOWN_HOSTS)", "CFI_SFTP_KNOWN_HOSTS")
-    except AuthError as exc:
+    except KeyLoadError as exc:  # says which file, why and what to set
+        return Check("sftp", FAIL, str(exc), "CFI_SFTP_KEY")
+    except AuthError as exc:  # the server refused the key for that user
         return Check("sftp", FAIL, f"{exc} (fix CFI_SFTP_KEY or CFI_SFTP_USER)", "CFI_SFTP_KEY")
     except SFTPPermanentError as exc:
         return Check("sftp", FAIL, str(exc), "CFI_SFTP_KEY")

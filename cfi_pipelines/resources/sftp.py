@@ -13,8 +13,8 @@ import paramiko
 from pydantic import Field
 
 from cfi_pipelines.exports.sftp_client import (
-    AuthError,
     EmbeddedServerDown,
+    KeyLoadError,
     SFTPConnection,
     load_private_key,
     open_sftp,
@@ -66,7 +66,7 @@ class SFTPResource(dg.ConfigurableResource):
         if self.embedded and not Path(self.private_key).exists():
             raise EmbeddedServerDown(self.host, self.port, "its keys were never created")
         if not self.private_key:
-            raise AuthError(
+            raise KeyLoadError(
                 "CFI_SFTP_KEY is not set: CFI_SFTP_HOST names CFI's server, so the client "
                 "private key is needed (a path, or the key itself)"
             )

@@ -276,3 +276,55 @@ KEY = paramiko.ECDSAKey.generate()
 )
 def test_delivery_errors_are_classified(exc, kind):
     assert classify_error(exc) == kind
+
+
+def _keygen(path: Path, *args: str) -> Path:
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", *args, "-f", str(path)], check=True)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda d: d / "absent", "does not exist"),
+        (lambda d: d, "is a directory, not a key file"),
+        (
+            lambda d: Path(str(_keygen(d / "id", "-t", "ed25519", "-N", "")) + ".pub"),
+            "is a public key",
+        ),
+        (lambda d: _keygen(d / "id", "-t", "ed25519", "-N", "secret1"), "is encrypted"),
+        (
+            lambda d: _keygen(d / "id", "-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "secret1"),
+            "is encrypted",
+        ),
+        (lambda d: (d / "id").write_text("hello\n") and d / "id", "is not a private key"),
+    ],
+    ids=["missing", "directory", "public", "encrypted-openssh", "encrypted-pem", "garbage"],
+)
+def test_key_errors_name_the_file_the_reason_and_the_variable(tmp_path, make, reason):
+    path = make(tmp_path)
+    with pytest.raises(AuthError) as info:
+        load_private_key(str(path))
+    message = str(info.value)
+    assert str(path) in message and reason in message, message
+    assert "CFI_SFTP_KEY" in message and "CFI_SFTP_USER" not in message
+    assert "Error" not in message  # the reason, not an exception's name
+
+
+def test_key_given_as_text_that_is_not_a_key_says_so_without_echoing_it():
+    text = (
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nc2VjcmV0LXN0dWZm\n-----END OPENSSH PRIVATE KEY-----"
+    )
+    with pytest.raises(AuthError) as info:
+        load_private_key(text)
+    message = str(info.value)
+    assert "the key text in CFI_SFTP_KEY" in message and "c2VjcmV0" not in message
+
+
+def test_wrong_passphrase_is_named(tmp_path):
+    path = _keygen(tmp_path / "id", "-t", "ed25519", "-N", "secret1")
+    with pytest.raises(AuthError, match="the passphrase does not decrypt it"):
+        load_private_key(str(path), "wrong")
+    assert load_private_key(str(path), "secret1").get_name() == "ssh-ed25519"

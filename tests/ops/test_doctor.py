@@ -221,3 +221,12 @@ def test_smtp_channel_ehlo(env, capsys, smtp_server, monkeypatch):
     assert code == 0, checks
     assert checks["alert:email"]["status"] == "OK"
     assert smtp_server.mailbox.messages == []
+
+
+def test_sftp_key_missing_names_the_file_and_only_its_variable(env, capsys, tmp_path):
+    env("CFI_SFTP_KEY", str(tmp_path / "no_such_key"))
+    code, checks = _doctor(capsys)
+    assert code == 1
+    detail = _only_failure(checks, "sftp", "CFI_SFTP_KEY")["detail"]
+    assert f"{tmp_path / 'no_such_key'}, which does not exist" in detail
+    assert "CFI_SFTP_USER" not in detail and "FileNotFoundError" not in detail
