@@ -187,8 +187,10 @@ def check_database(component: str, variable: str, url: str) -> list[Check]:
                     Check(
                         "common:readonly",
                         FAIL,
-                        "; ".join(problems) + ": run "
-                        "deploy/sql/postgresql_readonly.sql as a superuser on the common DB",
+                        "; ".join(problems) + ": run `psql 'postgresql://SUPERUSER@HOST/DB' "
+                        "-v ON_ERROR_STOP=1 -f deploy/sql/postgresql_readonly.sql` as a superuser "
+                        f"on the common DB ({where})",
+                        "CFI_COMMON_URL",
                     )
                     if problems
                     else Check(

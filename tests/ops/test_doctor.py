@@ -230,3 +230,38 @@ def test_sftp_key_missing_names_the_file_and_only_its_variable(env, capsys, tmp_
     detail = _only_failure(checks, "sftp", "CFI_SFTP_KEY")["detail"]
     assert f"{tmp_path / 'no_such_key'}, which does not exist" in detail
     assert "CFI_SFTP_USER" not in detail and "FileNotFoundError" not in detail
+
+
+def _readme_readonly_step() -> str:
+    readme = (GRANTS.parents[2] / "README.md").read_text()
+    section = readme.split("### PostgreSQL or SQL Server", 1)[1]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    steps = [line for line in block.splitlines() if "postgresql_readonly.sql" in line]
+    assert steps, "the README's PostgreSQL steps never run deploy/sql/postgresql_readonly.sql"
+    return steps[0]
+
+
+@pytest.mark.postgres
+def test_the_readmes_postgres_steps_give_a_passing_readonly_check(env, pg_dbs, capsys):
+    import re
+
+    step = _readme_readonly_step()
+    superuser_url = pg_dbs.common_url.replace("postgresql+psycopg://", "postgresql://")
+    # The README's placeholder URL (quoted) stands for this test's common DB.
+    command = re.sub(r"'postgresql://[^']*'", f"'{superuser_url}'", step)
+    assert command != step, step
+    subprocess.run(command, shell=True, check=True, cwd=GRANTS.parents[2], capture_output=True)
+    env("CFI_COMMON_URL", pg_dbs.common_url)
+    code, checks = _doctor(capsys)
+    assert checks["common:readonly"]["status"] == "OK", checks["common:readonly"]
+
+
+@pytest.mark.postgres
+def test_readonly_fail_says_what_to_run_and_where(env, pg_dbs, capsys):
+    env("CFI_COMMON_URL", pg_dbs.common_url)
+    code = main(["doctor"])
+    out = capsys.readouterr().out
+    assert code == 1
+    line = next(x for x in out.splitlines() if "common:readonly" in x)
+    assert "FAIL" in line and "psql" in line and "postgresql_readonly.sql" in line
+    assert line.endswith("[fix: CFI_COMMON_URL]"), line
