@@ -100,13 +100,26 @@ def child_baseline(source: str, target: str) -> tuple[float, int]:
 STEPS: dict[str, list[float]] = {}
 """Per-step [seconds, calls] of the last measurement (wrapped refresh functions)."""
 
+_STEP_NAMES = (
+    "init_common",
+    "read_status",
+    "_table_exists",
+    "_read_closure",
+    "_write_closure",
+    "_high_watermark",
+    "stale_keys",
+    "deleted_keys",
+    "delete_keys",
+    "_count",
+    "_count_matching",
+    "_upsert",
+    "_record_success",
+)
 TIMED_STEPS = {
-    # module attribute -> step label; wrapped from here, production code untouched
-    "cfi_pipelines.views.refresh": (
-        "init_common", "read_status", "_table_exists", "_read_closure", "_write_closure",
-        "_high_watermark", "stale_keys", "deleted_keys", "delete_keys", "_count",
-        "_count_matching", "_upsert", "_record_success",
-    ),
+    # module attribute -> step label; wrapped from here, production code untouched. Each
+    # step module calls the names it imported, so every module holding one is wrapped.
+    f"cfi_pipelines.views.{m}": _STEP_NAMES
+    for m in ("refresh", "status", "load", "swap", "incremental")
 }  # fmt: skip
 
 

@@ -2,8 +2,8 @@
 
 SQL Server cannot run in the test suite, and production is SQL Server: this is
 how an operator proves the dialect paths on theirs (``cfi-pipelines doctor
---selftest``). Every statement kind :mod:`cfi_pipelines.views.refresh` runs is
-executed, with the same functions, on tables named ``cfi_selftest_<random>``
+--selftest``). Every statement kind the refresh runs (:mod:`cfi_pipelines.views.load`,
+``swap``, ``incremental``) is executed, with the same functions, on tables named ``cfi_selftest_<random>``
 (a copy of a view's table definition; the live views are never touched):
 
 create (staging table) → bulk load (``db.insert_rows``: COPY on PostgreSQL,
@@ -26,14 +26,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect, Engine
 
 from cfi_pipelines.db import insert_rows, write_transaction
-from cfi_pipelines.views.refresh import (
-    _analyze_sql,
-    _index_statements,
-    copy_grants_sql,
-    swap_statements,
-    upsert_statement,
-)
+from cfi_pipelines.views.incremental import upsert_statement
+from cfi_pipelines.views.load import _analyze_sql, _index_statements
 from cfi_pipelines.views.spec import ViewSpec, get_view
+from cfi_pipelines.views.swap import copy_grants_sql, swap_statements
 
 PREFIX = "cfi_selftest_"
 READONLY_ROLE = "mycfia_readonly"

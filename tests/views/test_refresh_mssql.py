@@ -10,14 +10,10 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from cfi_pipelines.model import cfi_common as common
 from cfi_pipelines.model import cfi_source as src
-from cfi_pipelines.views.refresh import (
-    _index_statements,
-    _work_table,
-    copy_grants_sql,
-    swap_statements,
-    upsert_statement,
-)
+from cfi_pipelines.views.incremental import upsert_statement
+from cfi_pipelines.views.load import _index_statements, _work_table
 from cfi_pipelines.views.spec import VIEWS, get_view
+from cfi_pipelines.views.swap import copy_grants_sql, swap_statements
 
 DIALECT = mssql.dialect()
 

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from cfi_pipelines.views import refresh
+from cfi_pipelines.views import swap as swap_step
 from cfi_pipelines.views.refresh import RefreshError, SwapLockTimeout, read_status, refresh_view
 from cfi_pipelines.views.spec import get_view
 
@@ -71,7 +71,7 @@ def test_idle_in_transaction_reader_does_not_stall_readers_and_is_named(
 ):
     # more attempts than in production, each as short: on a loaded machine the test's own
     # steps must not outlast the swap's retries (the behaviour per attempt is the same)
-    monkeypatch.setattr(refresh, "SWAP_LOCK_ATTEMPTS", 10)
+    monkeypatch.setattr(swap_step, "SWAP_LOCK_ATTEMPTS", 10)
     spec = get_view("stocks")
     refresh_view(spec, pg_dbs.source, pg_dbs.common, mode="full")
     with pg_dbs.common.begin() as conn:
@@ -119,7 +119,7 @@ def test_idle_in_transaction_reader_does_not_stall_readers_and_is_named(
         assert isinstance(exc, SwapLockTimeout), outcome
         assert isinstance(exc, RefreshError)
         assert not isinstance(exc, sa.exc.OperationalError)  # no "database unreachable"
-        assert exc.attempts == refresh.SWAP_LOCK_ATTEMPTS > 1
+        assert exc.attempts == swap_step.SWAP_LOCK_ATTEMPTS > 1
         message = str(exc)
         assert f"lock held by pid {idle_pid} " in message
         assert "application 'mycfia-idle-reader'" in message
@@ -150,4 +150,4 @@ def test_idle_in_transaction_reader_does_not_stall_readers_and_is_named(
 
 def test_swap_lock_timeout_is_short():
     """Readers queued behind the waiting rename stall at most one attempt."""
-    assert refresh.SWAP_LOCK_TIMEOUT_MS <= 500
+    assert swap_step.SWAP_LOCK_TIMEOUT_MS <= 500
