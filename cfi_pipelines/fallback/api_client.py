@@ -19,9 +19,11 @@ half a snapshot behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -436,7 +438,35 @@ class _Overdue(Exception):
     """A response that was not complete by its deadline (message = why)."""
 
 
-DEFAULT_RESPONSE_DEADLINE_S = 120.0
+class _Watchdog:
+    """Shuts down ``resp``'s socket at ``until`` (monotonic), waking a blocked read.
+
+    httpx fixes a response's read timeout when its body starts, so a server sending a
+    byte just inside each read timeout would otherwise hold the response past its
+    deadline by up to one read timeout.
+    """
+
+    def __init__(self, resp: httpx.Response, until: float) -> None:
+        self.fired = False
+        stream = resp.extensions.get("network_stream")
+        self._sock = stream.get_extra_info("socket") if stream is not None else None
+        self._timer = threading.Timer(max(0.0, until - time.monotonic()), self._fire)
+        self._timer.daemon = True
+        if self._sock is not None:
+            self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        with contextlib.suppress(OSError):  # already closed
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+# A page (page_size rows, ~200 kB) takes well under a second: 30 s is generous, and
+# bounds a trickling server (see worst_case_page_seconds).
+DEFAULT_RESPONSE_DEADLINE_S = 30.0
 DEFAULT_MAX_SNAPSHOT_SECONDS = 600.0
 DEFAULT_MAX_PAGES = 100_000
 DEFAULT_MAX_CLOCK_SKEW_S = 300.0
@@ -525,6 +555,16 @@ class CfiApiClient:
             delay = max(delay, retry_after)  # the server knows best
         return min(delay, self.max_backoff_s)
 
+    def worst_case_page_seconds(self) -> float:
+        """How long one page can hold a snapshot before it fails: every attempt
+        running to ``response_deadline_s``, plus the longest backoffs between them
+        (without a Retry-After; ``max_snapshot_seconds`` bounds the whole anyway)."""
+        backoffs = sum(
+            min(self.backoff_s * 2 ** (a - 1), self.max_backoff_s)
+            for a in range(1, self.max_retries + 1)
+        )
+        return (self.max_retries + 1) * self.response_deadline_s + backoffs
+
     def _snapshot_overdue(self, where: dict[str, Any], problem: str = "") -> CfiApiTimeout:
         return CfiApiTimeout(
             f"the snapshot did not complete within max_snapshot_seconds="
@@ -540,18 +580,30 @@ class CfiApiClient:
     def _fetch(
         self, path: str, params: dict[str, Any], until: float, why: str
     ) -> tuple[int, httpx.Headers, bytes]:
-        """One GET, its body streamed and complete by ``until`` (monotonic) or :class:`_Overdue`."""
+        """One GET, its body streamed and complete by ``until`` (monotonic) or :class:`_Overdue`.
+
+        Each read is capped at what is left, and a watchdog shuts the socket down at
+        ``until``: a read in progress cannot carry the response past its deadline.
+        """
         left = until - time.monotonic()
         if left <= 0:
             raise _Overdue(why)
         read = max(0.001, min(self.read_timeout_s, left))  # no read may outlast the deadline
         timeout = httpx.Timeout(read, connect=min(self.connect_timeout_s, read))
+        body = bytearray()
         with self._http.stream("GET", path, params=params, timeout=timeout) as resp:
-            body = bytearray()
-            for chunk in resp.iter_bytes():
-                body += chunk
-                if time.monotonic() > until:
-                    raise _Overdue(f"{why}; {len(body)} bytes received")
+            watchdog = _Watchdog(resp, until)
+            try:
+                for chunk in resp.iter_bytes():
+                    body += chunk
+                    if time.monotonic() > until:
+                        raise _Overdue(f"{why}; {len(body)} bytes received")
+            except httpx.TransportError:
+                if watchdog.fired or time.monotonic() >= until:
+                    raise _Overdue(f"{why}; {len(body)} bytes received") from None
+                raise
+            finally:
+                watchdog.cancel()
             return resp.status_code, resp.headers, bytes(body)
 
     def _get(

@@ -157,3 +157,30 @@ def test_a_duplicate_key_is_a_contract_error_and_nothing_is_written(api_source_u
     assert (err.value.page, err.value.item) == (3, 0)
     assert list_snapshots(tmp_path, "stocks") == []
     assert list((tmp_path / "stocks").iterdir()) == []  # no temp file either
+
+
+def test_the_response_deadline_is_total_not_per_read():
+    # A byte every 2.5 s: each read is within read_timeout_s (10 s); the response must
+    # still end at its 3 s deadline, not at the end of the read in progress (5 s).
+    with (
+        ScriptedApi(lambda n, cursor: (EMPTY_LAST, 2.5)) as api,
+        client(api.url, read_timeout_s=10, response_deadline_s=3, max_retries=0) as c,
+    ):
+        started = time.monotonic()
+        with pytest.raises(CfiApiUnavailable, match="not complete within 3s") as err:
+            c.fetch_all("campaigns")
+        took = time.monotonic() - started
+    assert "bytes received" in str(err.value)
+    assert took < 4.2, took
+
+
+def test_a_response_is_bounded_by_what_a_page_needs_and_the_readme_says_the_worst_case():
+    from pathlib import Path
+
+    resource = CfiApiResource(base_url="http://127.0.0.1:9", token="t")
+    assert resource.response_deadline_s <= 30
+    with resource.client() as c:
+        worst = c.worst_case_page_seconds()
+        assert worst <= 5 * 30 + 10  # 5 attempts of 30 s, and the backoffs between them
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"{worst:.0f} s" in readme and f"{resource.max_snapshot_seconds:.0f} s" in readme
