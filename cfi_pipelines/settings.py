@@ -231,7 +231,7 @@ def read_settings() -> tuple[Settings, dict[str, str]]:
 
     def url(name: str, file: str) -> str:
         default = _sqlite_url(home / file)
-        return read(name, lambda: _db_url(name, default), default)
+        return absolute_sqlite_url(read(name, lambda: _db_url(name, default), default))
 
     settings = Settings(
         home=home,
@@ -242,8 +242,8 @@ def read_settings() -> tuple[Settings, dict[str, str]]:
         sftp_host=_env("CFI_SFTP_HOST"),
         sftp_port=int(read("CFI_SFTP_PORT", lambda: _number("CFI_SFTP_PORT", 22), 22)),
         sftp_user=_env("CFI_SFTP_USER"),
-        sftp_key=_env("CFI_SFTP_KEY"),
-        sftp_known_hosts=_env("CFI_SFTP_KNOWN_HOSTS"),
+        sftp_key=_key_setting(_env("CFI_SFTP_KEY")),
+        sftp_known_hosts=_path_setting(_env("CFI_SFTP_KNOWN_HOSTS")),
         sftp_dir=_env("CFI_SFTP_DIR") or "/",
         sftp_write_size=int(
             read("CFI_SFTP_WRITE_SIZE", lambda: _number("CFI_SFTP_WRITE_SIZE", 0), 0)
@@ -259,7 +259,7 @@ def read_settings() -> tuple[Settings, dict[str, str]]:
         api_token=_env("CFI_API_TOKEN"),
         automation=(_env("CFI_AUTOMATION") or "on").lower() not in {"off", "0", "false", "no"},
         webserver_url=(_env("DAGSTER_WEBSERVER_URL") or "http://127.0.0.1:3000").rstrip("/"),
-        dagster_home_env=_env("DAGSTER_HOME"),
+        dagster_home_env=_path_setting(_env("DAGSTER_HOME")),
         alerts=read("CFI_ALERT_SMTP_PORT", _alert_settings, AlertSettings()),
         partition_retention_days=int(
             read(
@@ -291,9 +291,67 @@ def env_or_default(name: str, default: str) -> str | dg.EnvVar:
     return dg.EnvVar(name) if _env(name) else default
 
 
+def absolute_sqlite_url(url: str) -> str:
+    """``url`` with a relative SQLite file made absolute (against this process's directory).
+
+    Other URLs, in-memory SQLite and URLs that do not parse are returned as they are.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url
+    db = parsed.database
+    if parsed.get_backend_name() != "sqlite" or db in (None, "", ":memory:"):
+        return url
+    if db.startswith("file:"):  # a SQLite URI: passed on as written
+        return url
+    path = Path(db).expanduser()
+    if path.is_absolute() and path == Path(db):
+        return url
+    return parsed.set(database=str(path.resolve())).render_as_string(hide_password=False)
+
+
+def _absolute_path(value: str) -> str:
+    return str(Path(value).expanduser().resolve())
+
+
+def _path_setting(value: str | None) -> str | None:
+    return _absolute_path(value) if value is not None else None
+
+
+def _key_setting(value: str | None) -> str | None:
+    """``CFI_SFTP_KEY``: the key text as it is, a file name made absolute."""
+    return value if value is None or value.startswith("-----BEGIN") else _absolute_path(value)
+
+
+def absolute_environment() -> dict[str, str]:
+    """Every path and URL of the configuration, absolute, as environment variables.
+
+    ``CFI_HOME`` (default ``./.cfi``), relative SQLite URLs, ``CFI_SFTP_KEY`` when it is a
+    file name (not the key text), ``CFI_SFTP_KNOWN_HOSTS`` and ``DAGSTER_HOME`` are resolved
+    against *this* process's directory: a child started elsewhere (``dagster dev`` runs in
+    the instance's directory) then opens the same files, not empty ones of its own.
+    """
+    env = {"CFI_HOME": str(read_settings()[0].home)}
+    for name in ("CFI_SOURCE_URL", "CFI_COMMON_URL", "MYCFIA_URL"):
+        if (raw := _env(name)) is not None:
+            env[name] = absolute_sqlite_url(raw)
+    key = _env("CFI_SFTP_KEY")
+    if key is not None and not key.startswith("-----BEGIN"):
+        env["CFI_SFTP_KEY"] = _absolute_path(key)
+    for name in ("CFI_SFTP_KNOWN_HOSTS", "DAGSTER_HOME"):
+        if (raw := _env(name)) is not None:
+            env[name] = _absolute_path(raw)
+    return env
+
+
 def child_environment(**overrides: str) -> dict[str, str]:
-    """The environment for a child process (``dagster dev``, ``initdb``…), with ``overrides``."""
-    return {**os.environ, **overrides}
+    """The environment for a child process (``dagster dev``, ``initdb``…), with ``overrides``.
+
+    The one place children get their environment: paths and URLs are made absolute
+    (:func:`absolute_environment`) so that the child's own working directory does not matter.
+    """
+    return {**os.environ, **absolute_environment(), **overrides}
 
 
 def set_dagster_home(path: Path) -> None:
@@ -317,3 +375,11 @@ def default_sensor_status() -> dg.DefaultSensorStatus:
         if get_settings().automation
         else dg.DefaultSensorStatus.STOPPED
     )
+
+
+def tenant_secret() -> str | None:
+    """``CFI_TENANT_SECRET``: the secret the tenant roles' passwords derive from
+    (``cfi_pipelines.tenancy.binding.derive_password``); MyCfia holds the same value.
+    Unset: the refresh creates the roles without a password (certificate or peer
+    authentication only) and ``cfi-pipelines query`` cannot log in on PostgreSQL."""
+    return _env("CFI_TENANT_SECRET")

@@ -98,3 +98,53 @@ def _real_key(base: Path) -> str:
     )
     (base / "known_hosts").write_text("")
     return str(path)
+
+
+def test_children_get_every_default_path_and_url_absolute(monkeypatch, tmp_path):
+    """Issue 16 item 1: `dev` starts Dagster in another directory; `./.cfi`, a relative SQLite
+    URL or a relative key path must name the same files there as in the parent."""
+    from cfi_pipelines.settings import child_environment
+
+    monkeypatch.delenv("CFI_HOME")  # the documented default, ./.cfi
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MYCFIA_URL", "sqlite:///data/mycfia.db")
+    monkeypatch.setenv("CFI_COMMON_URL", "sqlite+pysqlite:///./common.db?timeout=5")
+    monkeypatch.setenv("CFI_SOURCE_URL", "postgresql+psycopg://u:p%40ss@db:5432/cfi")
+    monkeypatch.setenv("CFI_SFTP_KEY", "keys/id_ed25519")
+    monkeypatch.setenv("CFI_SFTP_KNOWN_HOSTS", "~/known_hosts")
+    monkeypatch.setenv("DAGSTER_HOME", "inst")
+    env = child_environment(EXTRA="1")
+    assert env["CFI_HOME"] == str(tmp_path / ".cfi")
+    assert env["MYCFIA_URL"] == f"sqlite:///{tmp_path}/data/mycfia.db"
+    assert env["CFI_COMMON_URL"] == f"sqlite+pysqlite:///{tmp_path}/common.db?timeout=5"
+    assert env["CFI_SOURCE_URL"] == "postgresql+psycopg://u:p%40ss@db:5432/cfi"  # untouched
+    assert env["CFI_SFTP_KEY"] == str(tmp_path / "keys" / "id_ed25519")
+    assert env["CFI_SFTP_KNOWN_HOSTS"] == str(Path.home() / "known_hosts")
+    assert env["DAGSTER_HOME"] == str(tmp_path / "inst")
+    assert env["EXTRA"] == "1"
+    # the settings a child reads from that environment, in another directory, are the parent's
+    parent = get_settings()
+    monkeypatch.chdir(tmp_path.parent)
+    for name, value in env.items():
+        if name.startswith(("CFI_", "MYCFIA_", "DAGSTER_")):
+            monkeypatch.setenv(name, value)
+    child = get_settings()
+    assert (child.home, child.mycfia_url, child.common_url) == (
+        parent.home,
+        parent.mycfia_url,
+        parent.common_url,
+    )
+    assert child.dagster_home == parent.dagster_home == tmp_path / "inst"
+
+
+def test_key_text_and_memory_urls_are_passed_on_as_they_are(monkeypatch, tmp_path):
+    from cfi_pipelines.settings import child_environment
+
+    monkeypatch.chdir(tmp_path)
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n"
+    monkeypatch.setenv("CFI_SFTP_KEY", key)
+    monkeypatch.setenv("MYCFIA_URL", "sqlite://")
+    monkeypatch.setenv("CFI_COMMON_URL", "sqlite:///:memory:")
+    env = child_environment()
+    assert env["CFI_SFTP_KEY"] == key
+    assert (env["MYCFIA_URL"], env["CFI_COMMON_URL"]) == ("sqlite://", "sqlite:///:memory:")

@@ -165,3 +165,36 @@ def test_the_readmes_dagster_commands_land_in_the_projects_instance(tmp_path, cf
     with create_engine(f"sqlite:///{cfi_home}/mycfia.db").connect() as conn:
         e = mycfia.campaign_exports.c
         assert conn.execute(sa.select(e.attempts).where(e.campaign_id == 1001)).scalar() == 2
+
+
+def _documented_env(monkeypatch, cwd: Path) -> dict[str, str]:
+    """The README's set-up: no CFI_HOME (the default ./.cfi), run from ``cwd``."""
+    monkeypatch.delenv("CFI_HOME", raising=False)
+    monkeypatch.chdir(cwd)
+    return {k: v for k, v in os.environ.items() if not k.startswith(("CFI_HOME", "DAGSTER_HOME"))}
+
+
+def test_dev_children_open_the_databases_seed_filled(tmp_path, monkeypatch):
+    """Issue 16 item 1: with CFI_HOME at its default, the Dagster processes `dev` starts (in
+    the instance's directory, with `child_environment()`) read the databases `seed` wrote under
+    ./.cfi, not empty phantom ones under .cfi/dagster/.cfi."""
+    from cfi_pipelines.ops.instance import ensure_dagster_home
+    from cfi_pipelines.settings import child_environment
+
+    env = _documented_env(monkeypatch, tmp_path)
+    seed = _run([str(BIN / "cfi-pipelines"), "seed"], env, tmp_path)
+    assert seed.returncode == 0, seed.stderr
+    # what run_dev does before it starts Dagster: the instance, the child's env, its cwd
+    dagster_home = ensure_dagster_home()
+    child_env = child_environment(DAGSTER_HOME=str(dagster_home), CFI_AUTOMATION="off")
+    mat = _run(
+        [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "cfi_pipelines.definitions"]
+        + ["--select", "cfi_common/stocks"],
+        child_env,
+        Path(child_env["DAGSTER_HOME"]),
+    )
+    assert mat.returncode == 0, mat.stderr[-3000:]
+    with create_engine(f"sqlite:///{tmp_path}/.cfi/cfi_common.db").connect() as conn:
+        t = common.cfi_view_status
+        assert conn.scalar(sa.select(t.c.rows).where(t.c.view == "stocks")) == 9984
+    assert not (tmp_path / ".cfi" / "dagster" / ".cfi").exists()
