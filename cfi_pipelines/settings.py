@@ -17,6 +17,7 @@ setting it needs must be given.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -97,6 +98,8 @@ class Settings:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     partition_retention_days: int = 30
     partition_max: int = 20_000
+    capture_slot: str = "cfi_pipelines"
+    """PostgreSQL logical decoding: the slot and publication names (``CFI_CAPTURE_SLOT``)."""
 
     @property
     def local(self) -> bool:
@@ -211,6 +214,16 @@ def _environment() -> Environment:
     return "production" if _env("CFI_SFTP_HOST") else "local"
 
 
+def _capture_slot() -> str:
+    name = _env("CFI_CAPTURE_SLOT") or "cfi_pipelines"
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", name):
+        raise ConfigError(
+            f"CFI_CAPTURE_SLOT={name!r}: a replication slot name is 1-63 lower-case letters, "
+            "digits or underscores"
+        )
+    return name
+
+
 def read_settings() -> tuple[Settings, dict[str, str]]:
     """Every setting that can be read, and the unusable ones by variable.
 
@@ -271,6 +284,7 @@ def read_settings() -> tuple[Settings, dict[str, str]]:
         partition_max=int(
             read("CFI_PARTITION_MAX", lambda: _number("CFI_PARTITION_MAX", 20_000), 20_000)
         ),
+        capture_slot=read("CFI_CAPTURE_SLOT", _capture_slot, "cfi_pipelines"),
     )
     return settings, errors
 

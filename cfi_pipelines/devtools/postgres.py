@@ -43,6 +43,8 @@ class TempPostgres:
 
     port: int = field(default_factory=free_port)
     root: Path | None = None
+    settings: tuple[str, ...] = ()
+    """Extra server settings, ``name=value`` each (e.g. ``wal_level=logical``)."""
     _owns_root: bool = False
 
     def _run_as(self) -> dict:
@@ -72,6 +74,7 @@ class TempPostgres:
         opts = (
             f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
+            + "".join(f" -c {setting}" for setting in self.settings)
         )
         subprocess.run(
             [_bin("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(self.root / "log"), "-w", "-t", "60", "start"],

@@ -142,6 +142,18 @@ cfi_refresh_log = sa.Table(
     sa.Index("ix_cfi_refresh_log_view_started", "view", "started_at"),
 )
 
+cfi_capture_state = sa.Table(
+    "cfi_capture_state",
+    metadata,
+    sa.Column("view", sa.String(32), primary_key=True),
+    sa.Column("mode", sa.String(32), nullable=False),  # pg_logical / mssql_ct / ...
+    sa.Column("position", sa.String(200), nullable=False),  # opaque, the capture's own token
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)
+"""Per view: the change-capture position its data has applied up to (written in the same
+transaction as the view's rows and status; a full refresh records the position it took
+before reading the source)."""
+
 VIEW_TABLES: dict[str, sa.Table] = {
     "stocks": cfi_stocks,
     "operations": cfi_operations,

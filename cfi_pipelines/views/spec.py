@@ -12,7 +12,7 @@ operations, factures → invoices, campagnes → campaigns.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 
@@ -26,6 +26,47 @@ SINCE = sa.bindparam("since", type_=sa.DateTime)
 TODAY = sa.bindparam("today", type_=sa.Date)
 """The refresh's date (for 'overdue')."""
 
+Keys = Sequence[tuple]
+"""View keys (tuples in the order of :attr:`ViewSpec.key`) a keyed query is restricted to."""
+
+
+def key_predicate(columns: Sequence[sa.ColumnElement], keys: Keys) -> sa.ColumnElement:
+    """``columns`` equal to one of ``keys``: an ``IN`` list for one column, an ``OR`` of
+    ``AND``s for a composite key (portable: SQL Server has no row-value ``IN``), each
+    term served by the unique key index."""
+    if len(columns) == 1:
+        return columns[0].in_([k[0] for k in keys])
+    return sa.or_(
+        sa.false(), *(sa.and_(*(c == v for c, v in zip(columns, k, strict=True))) for k in keys)
+    )
+
+
+def _only(q: sa.Select, column: sa.ColumnElement, keys: Keys | None) -> sa.Select:
+    """``q`` restricted to ``column IN keys`` when keys are given (pushed into each child
+    aggregate as well as the parent: a keyed query never aggregates a whole child table)."""
+    return q if keys is None else q.where(key_predicate((column,), keys))
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """How a change of one source table reaches a view's keys (used by the apply).
+
+    ``columns``: the columns of the changed row (new and old image) that name what it
+    affects. Without ``lookup`` they *are* the view key (in key order: the driving table,
+    or a child naming its parent). With ``lookup`` they are values to look up on the
+    source, through an index, to find the view keys (a product whose price changed →
+    its stock rows): a SELECT of the key columns with an expanding ``values`` parameter.
+    A NULL value (a campaign without operation) affects nothing.
+    """
+
+    table: sa.Table
+    columns: tuple[str, ...]
+    lookup: sa.Select | None = None
+
+
+VALUES = sa.bindparam("values", expanding=True)
+"""The changed rows' values a :attr:`Dependency.lookup` is run with."""
+
 
 @dataclass(frozen=True)
 class ViewSpec:
@@ -36,9 +77,11 @@ class ViewSpec:
     table: sa.Table
     key: tuple[str, ...]
     indexes: tuple[tuple[str, ...], ...]  # non-unique indexes, tenant-scoped lookups first
-    build_query: Callable[[bool], sa.Select]  # incremental -> SELECT with the table's columns
+    build_query: Callable[..., sa.Select]  # (incremental, keys=None) -> SELECT, the table's columns
     change_columns: tuple[sa.Column, ...]  # source updated_at columns; max() is the watermark
     aggregate_columns: tuple[str, ...] = ()
+    dependencies: tuple[Dependency, ...] = ()
+    """Per followed source table, how its row changes name this view's keys (the apply)."""
     """View columns computed from *child* rows (or from the refresh date).
 
     A child that moves to another parent or is deleted leaves no trace under the
@@ -82,15 +125,30 @@ class ViewSpec:
             *(sub.c[k] for k in self.key), *(sub.c[c] for c in self.aggregate_columns)
         ).order_by(*(sub.c[k] for k in self.key))
 
+    def keyed_query(self, keys: Keys) -> sa.Select:
+        """The view's rows for ``keys`` (tuples in key order), computed on the source.
+
+        Cost O(len(keys)): the restriction is applied to the driving table and inside each
+        child aggregate, so every table is read through its key or parent-id index. Keep
+        ``keys`` to a few hundred per query (bound parameters)."""
+        q = self.build_query(False, keys=list(keys))
+        names = [c.name for c in q.selected_columns]
+        if names != self.columns:
+            raise ValueError(f"view {self.name}: keyed query columns {names} != {self.columns}")
+        return q
+
+    def dependency(self, table: str) -> Dependency | None:
+        """How changes of source table ``table`` reach this view (None: it does not follow it)."""
+        return next((d for d in self.dependencies if d.table.name == table), None)
+
     def for_keys(self, keys: Iterable) -> ViewSpec:
-        """This view restricted to the rows whose (single-column) key is in ``keys``."""
-        (key,) = self.key
-        keys = list(keys)
+        """This view restricted to the rows whose (single-column) key is in ``keys``
+        (through :meth:`keyed_query`: O(len(keys)))."""
+        keys = [(k,) for k in keys]
         full = self.build_query
 
-        def build(incremental: bool) -> sa.Select:
-            sub = full(False).subquery("view_keys")
-            return sa.select(*sub.c).where(sub.c[key].in_(keys))
+        def build(incremental: bool, keys_: Keys | None = None) -> sa.Select:
+            return full(False, keys=keys)
 
         return replace(self, build_query=build)
 
@@ -116,7 +174,7 @@ def _money(x) -> sa.ColumnElement:
     return sa.func.round(x, 2) + 0
 
 
-def _stocks(incremental: bool) -> sa.Select:
+def _stocks(incremental: bool, keys: Keys | None = None) -> sa.Select:
     sl, p, w = src.stock_levels, src.products, src.warehouses
     q = sa.select(
         sl.c.tenant_id,
@@ -148,22 +206,28 @@ def _stocks(incremental: bool) -> sa.Select:
             ),
         )
         q = q.where(sl.c.id.in_(changed))
+    if keys is not None:
+        q = q.where(key_predicate((sl.c.product_id, sl.c.warehouse_id), keys))
     return q
 
 
-def _operations(incremental: bool) -> sa.Select:
+def _operations(incremental: bool, keys: Keys | None = None) -> sa.Select:
     o, op, c = src.operations, src.operation_products, src.campaigns
     products = (
-        sa.select(
+        _only(
+            sa.select(
+                op.c.operation_id,
+                sa.func.count().label("n"),
+                sa.func.round(sa.func.avg(op.c.discount_pct), 2).label("avg_discount"),
+            ),
             op.c.operation_id,
-            sa.func.count().label("n"),
-            sa.func.round(sa.func.avg(op.c.discount_pct), 2).label("avg_discount"),
+            keys,
         )
         .group_by(op.c.operation_id)
         .subquery("op_agg")
     )
     camps = (
-        sa.select(c.c.operation_id, sa.func.count().label("n"))
+        _only(sa.select(c.c.operation_id, sa.func.count().label("n")), c.c.operation_id, keys)
         .where(c.c.operation_id.is_not(None))
         .group_by(c.c.operation_id)
         .subquery("camp_agg")
@@ -195,22 +259,30 @@ def _operations(incremental: bool) -> sa.Select:
                 o.c.id.in_(sa.select(c.c.operation_id).where(c.c.updated_at > SINCE)),
             )
         )
-    return q
+    return _only(q, o.c.id, keys)
 
 
-def _invoices(incremental: bool) -> sa.Select:
+def _invoices(incremental: bool, keys: Keys | None = None) -> sa.Select:
     i, li, pay, cl = src.invoices, src.invoice_lines, src.payments, src.clients
     lines = (
-        sa.select(
+        _only(
+            sa.select(
+                li.c.invoice_id,
+                sa.func.sum(li.c.quantity * li.c.unit_price).label("excl"),
+                sa.func.sum(li.c.quantity * li.c.unit_price * li.c.vat_rate).label("tax"),
+            ),
             li.c.invoice_id,
-            sa.func.sum(li.c.quantity * li.c.unit_price).label("excl"),
-            sa.func.sum(li.c.quantity * li.c.unit_price * li.c.vat_rate).label("tax"),
+            keys,
         )
         .group_by(li.c.invoice_id)
         .subquery("line_agg")
     )
     paid = (
-        sa.select(pay.c.invoice_id, sa.func.sum(pay.c.amount).label("paid"))
+        _only(
+            sa.select(pay.c.invoice_id, sa.func.sum(pay.c.amount).label("paid")),
+            pay.c.invoice_id,
+            keys,
+        )
         .group_by(pay.c.invoice_id)
         .subquery("pay_agg")
     )
@@ -255,10 +327,10 @@ def _invoices(incremental: bool) -> sa.Select:
                 i.c.id.in_(sa.select(pay.c.invoice_id).where(pay.c.updated_at > SINCE)),
             )
         )
-    return q
+    return _only(q, i.c.id, keys)
 
 
-def _campaigns(incremental: bool) -> sa.Select:
+def _campaigns(incremental: bool, keys: Keys | None = None) -> sa.Select:
     c, ch, o, t, r = (
         src.campaigns,
         src.channels,
@@ -267,18 +339,22 @@ def _campaigns(incremental: bool) -> sa.Select:
         src.campaign_results,
     )
     targets = (
-        sa.select(t.c.campaign_id, sa.func.count().label("n"))
+        _only(sa.select(t.c.campaign_id, sa.func.count().label("n")), t.c.campaign_id, keys)
         .group_by(t.c.campaign_id)
         .subquery("target_agg")
     )
     results = (
-        sa.select(
+        _only(
+            sa.select(
+                r.c.campaign_id,
+                sa.func.sum(r.c.sent).label("sent"),
+                sa.func.sum(r.c.opened).label("opened"),
+                sa.func.sum(r.c.clicked).label("clicked"),
+                sa.func.sum(r.c.converted).label("converted"),
+                sa.func.sum(r.c.revenue).label("revenue"),
+            ),
             r.c.campaign_id,
-            sa.func.sum(r.c.sent).label("sent"),
-            sa.func.sum(r.c.opened).label("opened"),
-            sa.func.sum(r.c.clicked).label("clicked"),
-            sa.func.sum(r.c.converted).label("converted"),
-            sa.func.sum(r.c.revenue).label("revenue"),
+            keys,
         )
         .group_by(r.c.campaign_id)
         .subquery("result_agg")
@@ -319,7 +395,7 @@ def _campaigns(incremental: bool) -> sa.Select:
                 c.c.operation_id.in_(sa.select(o2.c.id).where(o2.c.updated_at > SINCE)),
             )
         )
-    return q
+    return _only(q, c.c.id, keys)
 
 
 VIEWS: tuple[ViewSpec, ...] = (
@@ -335,6 +411,26 @@ VIEWS: tuple[ViewSpec, ...] = (
             src.products.c.updated_at,
             src.warehouses.c.updated_at,
         ),
+        dependencies=(
+            Dependency(src.stock_levels, ("product_id", "warehouse_id")),
+            Dependency(
+                src.products,
+                ("id",),
+                # the unique (product_id, warehouse_id) index serves it
+                sa.select(src.stock_levels.c.product_id, src.stock_levels.c.warehouse_id).where(
+                    src.stock_levels.c.product_id.in_(VALUES)
+                ),
+            ),
+            Dependency(
+                src.warehouses,
+                ("id",),
+                # no index on warehouse_id in CFI's schema: a scan of stock_levels, but a
+                # warehouse change touches a large share of its rows anyway
+                sa.select(src.stock_levels.c.product_id, src.stock_levels.c.warehouse_id).where(
+                    src.stock_levels.c.warehouse_id.in_(VALUES)
+                ),
+            ),
+        ),
     ),
     ViewSpec(
         name="operations",
@@ -349,6 +445,11 @@ VIEWS: tuple[ViewSpec, ...] = (
             src.campaigns.c.updated_at,
         ),
         aggregate_columns=("product_count", "avg_discount_pct", "campaign_count"),
+        dependencies=(
+            Dependency(src.operations, ("id",)),
+            Dependency(src.operation_products, ("operation_id",)),
+            Dependency(src.campaigns, ("operation_id",)),
+        ),
     ),
     ViewSpec(
         name="invoices",
@@ -365,6 +466,16 @@ VIEWS: tuple[ViewSpec, ...] = (
         ),
         # overdue: also depends on the refresh date (an invoice falls due overnight)
         aggregate_columns=("total_excl_tax", "total_tax", "paid", "overdue"),
+        dependencies=(
+            Dependency(src.invoices, ("id",)),
+            Dependency(src.invoice_lines, ("invoice_id",)),
+            Dependency(src.payments, ("invoice_id",)),
+            Dependency(
+                src.clients,
+                ("id",),
+                sa.select(src.invoices.c.id).where(src.invoices.c.client_id.in_(VALUES)),
+            ),
+        ),
     ),
     ViewSpec(
         name="campaigns",
@@ -380,6 +491,17 @@ VIEWS: tuple[ViewSpec, ...] = (
             src.operations.c.updated_at,
         ),
         aggregate_columns=("targets", "sent", "opened", "clicked", "converted", "revenue"),
+        dependencies=(
+            Dependency(src.campaigns, ("id",)),
+            Dependency(src.campaign_targets, ("campaign_id",)),
+            Dependency(src.campaign_results, ("campaign_id",)),
+            Dependency(
+                src.operations,
+                ("id",),
+                # no index on campaigns.operation_id in CFI's schema: a scan of campaigns
+                sa.select(src.campaigns.c.id).where(src.campaigns.c.operation_id.in_(VALUES)),
+            ),
+        ),
     ),
 )
 

@@ -27,6 +27,14 @@ Contract for implementers (``sqlite.py``, ``pg_counters.py``, ``pg_logical.py``,
   position are no longer available (SQL Server: ``CHANGE_TRACKING_MIN_VALID_VERSION``
   past it; PostgreSQL: slot lost or invalidated): the caller then does a full refresh,
   which takes a new position with :meth:`Capture.position` *before* reading the source;
+- SQL Server (``mssql.py``): expose ``change_tracking_capture(engine, tables) -> Capture``
+  that checks Change Tracking is usable (database, every followed table, VIEW CHANGE
+  TRACKING for the account) and raises :class:`CaptureUnavailable` with one line naming
+  what the DBA should run (``deploy/sql/sqlserver_change_tracking.sql``) otherwise;
+  ``capture_for`` then falls back to the timestamp path and shows that line. Positions
+  are the version as text; ``changes`` gives ``new`` (the current row, read by key in the
+  same snapshot as the version) for I/U and ``old`` = the primary key only
+  (``old_complete=False``) for U/D;
 - row values come back as the Python types of the source table's SQLAlchemy columns
   (at least: ``int`` for ids and foreign keys), keyed by column name.
 """
@@ -101,6 +109,9 @@ class Gate:
     changed: bool
     tables: frozenset[str] | None = None
     note: str = ""
+    latest: Mapping[str, str] | None = None
+    """Exact modes, optional: per table in ``tables``, the position of its newest pending
+    change, so that a view already applied past it is not refreshed again."""
 
     def suspects(self, followed: Iterable[str]) -> set[str]:
         """The followed tables this gate says may have changed."""
@@ -158,6 +169,10 @@ class Capture(ABC):
         position this capture returned earlier (a gate's or :meth:`position`'s), or None
         on a first call (then ``changed`` is True unless the mode can prove otherwise).
         """
+
+    def sort_key(self, position: str) -> Any:
+        """A value that orders positions of this capture (LSN as int, version as int)."""
+        return position
 
     def position(self) -> str:
         """The position a full refresh records, taken *before* it reads the source: every

@@ -1,0 +1,337 @@
+"""PostgreSQL with ``wal_level=logical``: exact changes from a logical replication slot, through SQL.
+
+A publication limited to the followed tables and a slot using the built-in ``pgoutput``
+plugin (both named by ``CFI_CAPTURE_SLOT``, default ``cfi_pipelines``). Everything goes
+through ordinary SQL on the reading account (it needs the REPLICATION attribute):
+
+- **gate**: one statement, ``pg_logical_slot_peek_binary_changes`` up to the current WAL
+  position. Idle, it decodes only the WAL written since the slot's confirmed position and
+  returns nothing: a few ms, zero rows of CFI's tables read, whatever their size. When
+  the slot holds only irrelevant WAL (other tables, other databases) for more than
+  :data:`ADVANCE_AFTER_BYTES`, the gate moves it forward so that idle ticks stay cheap.
+- **changes**: the same peek, parsed (:mod:`.pgoutput`): every insert, update and
+  delete of the followed tables, with the old row when the table has REPLICA IDENTITY
+  FULL (``deploy/sql/postgresql_logical_decoding.sql``). O(changes). Peeking consumes
+  nothing: after a crash the same changes come again, and the apply is idempotent.
+- **release**: after the apply committed, the slot is advanced to the minimum position
+  every view has applied (``pg_replication_slot_advance``), never further.
+
+A position is the LSN text (``"0/16B3748"``) and covers every transaction whose commit
+record starts before it. A full refresh records the slot's *confirmed* position, read
+before it reads the source: every change not yet confirmed is replayed afterwards
+(idempotently), so no commit racing the refresh's snapshot can be missed. A missing or
+``lost`` slot raises :class:`CaptureLost`: the views get a full refresh and a new slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+import sqlalchemy as sa
+
+from cfi_pipelines.views.capture.base import (
+    Capture,
+    CaptureLost,
+    CaptureUnavailable,
+    ChangeSet,
+    Gate,
+    RowChange,
+)
+from cfi_pipelines.views.capture.pgoutput import (
+    Relation,
+    Transaction,
+    int_to_lsn,
+    lsn_to_int,
+    parse_messages,
+    typed,
+)
+
+log = logging.getLogger(__name__)
+
+GATE_CHANGES = 10_000
+"""Row changes the gate decodes at most to name the tables that moved (more: all suspect)."""
+CHANGES_PER_BATCH = 50_000
+"""Row changes per :meth:`PgLogicalCapture.changes` call by default (memory bound)."""
+ADVANCE_AFTER_BYTES = 1 << 20
+"""Irrelevant WAL the slot may hold before an idle gate advances it past it."""
+BUSY_RETRIES = 50
+BUSY_PAUSE_S = 0.1
+_OBJECT_IN_USE = "55006"  # "replication slot … is active for PID …"
+
+_PEEK = (
+    "SELECT data FROM pg_logical_slot_peek_binary_changes("
+    ":slot, CAST(:upto AS pg_lsn), :n, 'proto_version', '1', 'publication_names', :pub)"
+)
+_SLOT = sa.text(
+    "SELECT pg_current_wal_lsn()::text AS now, s.confirmed_flush_lsn::text AS confirmed, "
+    "s.wal_status FROM (SELECT 1) one "
+    "LEFT JOIN pg_replication_slots s ON s.slot_name = :slot AND s.database = current_database()"
+)
+
+
+def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:
+    return getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+
+
+def logical_decoding_problem(conn: sa.Connection) -> str | None:
+    """Why this account cannot use logical decoding here (one line), or None when it can."""
+    level = conn.exec_driver_sql("SHOW wal_level").scalar()
+    if level != "logical":
+        return (
+            f"wal_level is {level}: counter gate; run deploy/sql/postgresql_logical_decoding.sql "
+            "(wal_level=logical, then a restart)"
+        )
+    allowed = conn.exec_driver_sql(
+        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
+    ).scalar()
+    if not allowed:
+        return (
+            "the reading account has no REPLICATION attribute: counter gate; run "
+            "deploy/sql/postgresql_logical_decoding.sql"
+        )
+    return None
+
+
+class PgLogicalCapture(Capture):
+    mode = "pg_logical"
+    exact = True
+    guarantee = "every committed insert, update and delete (logical decoding)"
+
+    def __init__(
+        self, engine: sa.Engine, tables: Sequence[sa.Table], *, slot: str, why: str = ""
+    ) -> None:
+        super().__init__(engine, tables, why=why)
+        self.slot = self.publication = slot
+        self._by_name = {t.name: t for t in self.tables}
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _autocommit(self) -> sa.Connection:
+        # slot functions refuse a transaction that wrote, and stats/snapshots must be fresh
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    def _retry_busy(self, fn):
+        """Run ``fn`` again while another session is reading the slot (the sensor's gate
+        and a run's apply may meet); each attempt is short."""
+        for attempt in range(BUSY_RETRIES):
+            try:
+                return fn()
+            except sa.exc.DBAPIError as exc:
+                if _sqlstate(exc) != _OBJECT_IN_USE or attempt == BUSY_RETRIES - 1:
+                    raise
+                time.sleep(BUSY_PAUSE_S)
+        raise AssertionError("unreachable")
+
+    def _slot_state(self, conn: sa.Connection) -> tuple[str, str | None, str | None]:
+        row = conn.execute(_SLOT, {"slot": self.slot}).one()
+        return row.now, row.confirmed, row.wal_status
+
+    def _peek(self, conn: sa.Connection, upto: str | None, n: int | None) -> list[bytes]:
+        params = {"slot": self.slot, "upto": upto, "n": n, "pub": self.publication}
+        return list(conn.execute(sa.text(_PEEK), params).scalars())
+
+    def sort_key(self, position: str) -> int:
+        return lsn_to_int(position)
+
+    # ------------------------------------------------------------------ interface
+
+    def gate(self, since: str | None) -> Gate:
+        """One statement: the current WAL position, the slot's state and its pending changes
+        (peeked, not consumed). Idle: decodes the few WAL bytes since the slot's position."""
+        sql = sa.text(
+            "WITH w AS (SELECT pg_current_wal_lsn() AS now), "
+            "s AS (SELECT confirmed_flush_lsn, wal_status FROM pg_replication_slots "
+            "WHERE slot_name = :slot AND database = current_database()) "
+            "SELECT w.now::text AS now, s.confirmed_flush_lsn::text AS confirmed, s.wal_status, "
+            "CASE WHEN s.wal_status IS DISTINCT FROM 'lost' THEN (SELECT array_agg(c.data) "
+            "FROM pg_logical_slot_peek_binary_changes(:slot, w.now, :n, 'proto_version', '1', "
+            "'publication_names', :pub) c) END AS data "
+            "FROM w LEFT JOIN s ON true"
+        )
+        params = {"slot": self.slot, "n": GATE_CHANGES, "pub": self.publication}
+        with self._autocommit() as conn:
+            try:
+                row = conn.execute(sql, params).one()
+            except sa.exc.DBAPIError as exc:
+                if _sqlstate(exc) == _OBJECT_IN_USE:
+                    now = conn.exec_driver_sql("SELECT pg_current_wal_lsn()::text").scalar()
+                    return Gate(now, True, None, "slot busy: an apply is reading it")
+                raise
+            if row.confirmed is None or row.wal_status == "lost":
+                why = "missing" if row.confirmed is None else "lost"
+                return Gate(row.now, True, None, f"slot {self.slot} {why}: full refresh needed")
+            txs = parse_messages(row.data or [], {})
+            latest: dict[str, str] = {}
+            floor = lsn_to_int(since) if since else 0
+            for tx in txs:
+                if tx.commit_lsn < floor:
+                    continue
+                for ch in tx.changes:
+                    if ch.relation.name in self._by_name:
+                        latest[ch.relation.name] = int_to_lsn(tx.end_lsn)
+            truncated = sum(len(t.changes) for t in txs) >= GATE_CHANGES
+            if not txs and lsn_to_int(row.now) - lsn_to_int(row.confirmed) > ADVANCE_AFTER_BYTES:
+                self._advance(conn, row.now)  # only irrelevant WAL up to now: nothing to lose
+        if truncated:
+            return Gate(row.now, True, None, "many changes pending")
+        if latest:
+            return Gate(row.now, True, frozenset(latest), "changes pending", latest)
+        if since is None:
+            # no pending change; a first call still cannot vouch for views it never saw
+            return Gate(row.now, True, None, "first look at the slot")
+        return Gate(row.now, False, frozenset(), "no change in the slot")
+
+    def position(self) -> str:
+        """The slot's confirmed position (see the module docstring); CaptureLost without a slot."""
+        with self._autocommit() as conn:
+            _now, confirmed, status = self._slot_state(conn)
+        if confirmed is None or status == "lost":
+            raise CaptureLost(f"slot {self.slot} is {'missing' if confirmed is None else 'lost'}")
+        return confirmed
+
+    def changes(self, since: str, *, limit: int | None = CHANGES_PER_BATCH) -> ChangeSet:
+        """Every row change committed after ``since`` (peeked, not consumed). O(changes)."""
+        with self._autocommit() as conn:
+            now, confirmed, status = self._slot_state(conn)
+            if confirmed is None or status == "lost":
+                what = "missing" if confirmed is None else "lost (wal_status lost)"
+                raise CaptureLost(f"slot {self.slot} is {what}: changes since {since} are gone")
+            if lsn_to_int(since) < lsn_to_int(confirmed):
+                # the slot went past us: fine only if it was advanced by us (release or an
+                # idle gate never pass a pending change); a recreated slot is caught by the
+                # caller, which clears every position when it creates a new one
+                since = confirmed
+            rows = self._retry_busy(lambda: self._peek(conn, now, limit))
+        relations: dict[int, Relation] = {}
+        txs = parse_messages(rows, relations)
+        floor = lsn_to_int(since)
+        kept = [tx for tx in txs if tx.commit_lsn >= floor]
+        n_changes = sum(len(tx.changes) for tx in kept)
+        more = limit is not None and n_changes >= limit and bool(kept)
+        upto = int_to_lsn(kept[-1].end_lsn) if more else max(now, since, key=lsn_to_int)
+        return ChangeSet(
+            since=since,
+            upto=upto,
+            changes=tuple(c for tx in kept for c in self._row_changes(tx)),
+            transactions=len(kept),
+            more=more,
+        )
+
+    def _row_changes(self, tx: Transaction) -> Iterable[RowChange]:
+        for ch in tx.changes:
+            table = self._by_name.get(ch.relation.name)
+            if table is None:
+                continue
+            new = typed(table, ch.new.values) if ch.new else None
+            old = typed(table, ch.old.values) if ch.old else None
+            if ch.op == "D" and old is not None and not ch.old_is_full:
+                old = {k: v for k, v in old.items() if v is not None}  # the key columns only
+            if ch.op == "U" and old is None and ch.relation.replica_identity != "f":
+                # default identity: the key did not change, so the old key is the new one's
+                pk = [c.name for c in table.primary_key]
+                old = {k: new[k] for k in pk} if new else None
+            yield RowChange(ch.relation.name, ch.op, new, old, old_complete=ch.old_is_full)  # type: ignore[arg-type]
+
+    def release(self, applied: Iterable[str]) -> None:
+        """Advance the slot to the minimum applied position (after the apply committed)."""
+        positions = list(applied)
+        if not positions:
+            return
+        target = min(positions, key=lsn_to_int)
+        with self._autocommit() as conn:
+            _now, confirmed, status = self._slot_state(conn)
+            if confirmed is None or status == "lost":
+                return
+            if lsn_to_int(target) > lsn_to_int(confirmed):
+                self._retry_busy(lambda: self._advance(conn, target))
+
+    def _advance(self, conn: sa.Connection, lsn: str) -> None:
+        try:
+            conn.execute(
+                sa.text("SELECT pg_replication_slot_advance(:slot, CAST(:lsn AS pg_lsn))"),
+                {"slot": self.slot, "lsn": lsn},
+            )
+        except sa.exc.DBAPIError as exc:
+            if _sqlstate(exc) != _OBJECT_IN_USE:
+                raise
+            # the apply is reading it: the next release or idle gate advances it
+
+    def ensure(self) -> list[str]:
+        """Create the publication (if missing and allowed) and the slot (if missing or lost).
+
+        Returns what it did, one line each; raises :class:`CaptureUnavailable` when the
+        publication is missing and this account may not create it."""
+        done: list[str] = []
+        names = sorted(self._by_name)
+        with self._autocommit() as conn:
+            if problem := logical_decoding_problem(conn):
+                raise CaptureUnavailable(problem)
+            have = set(
+                conn.execute(
+                    sa.text("SELECT tablename FROM pg_publication_tables WHERE pubname = :p"),
+                    {"p": self.publication},
+                ).scalars()
+            )
+            exists = conn.execute(
+                sa.text("SELECT 1 FROM pg_publication WHERE pubname = :p"), {"p": self.publication}
+            ).first()
+            prep = conn.dialect.identifier_preparer
+            table_list = ", ".join(prep.quote(n) for n in names)
+            try:
+                if not exists:
+                    conn.exec_driver_sql(
+                        f"CREATE PUBLICATION {prep.quote(self.publication)} FOR TABLE {table_list}"
+                    )
+                    done.append(f"created publication {self.publication} on {len(names)} tables")
+                elif have != set(names):
+                    conn.exec_driver_sql(
+                        f"ALTER PUBLICATION {prep.quote(self.publication)} SET TABLE {table_list}"
+                    )
+                    done.append(f"publication {self.publication} set to the {len(names)} tables")
+            except sa.exc.ProgrammingError as exc:
+                raise CaptureUnavailable(
+                    f"publication {self.publication} missing and not creatable by this account "
+                    f"({str(exc.orig).strip().splitlines()[0]}); run "
+                    "deploy/sql/postgresql_logical_decoding.sql"
+                ) from exc
+            _now, confirmed, status = self._slot_state(conn)
+            if status == "lost":
+                conn.execute(sa.text("SELECT pg_drop_replication_slot(:s)"), {"s": self.slot})
+                done.append(f"dropped lost slot {self.slot}")
+                confirmed = None
+            if confirmed is None:
+                conn.execute(
+                    sa.text("SELECT pg_create_logical_replication_slot(:s, 'pgoutput')"),
+                    {"s": self.slot},
+                )
+                done.append(f"created logical replication slot {self.slot} (pgoutput)")
+            partial = conn.execute(
+                sa.text(
+                    "SELECT c.relname FROM pg_class c WHERE c.relname = ANY(:names) "
+                    "AND c.relkind = 'r' AND c.relreplident <> 'f' "
+                    "AND pg_table_is_visible(c.oid) ORDER BY 1"
+                ),
+                {"names": names},
+            ).scalars()
+            if partial := list(partial):
+                done.append(
+                    "REPLICA IDENTITY is not FULL on "
+                    + ", ".join(partial)
+                    + ": their deletes name keys only, the apply reconciles those views"
+                )
+        for line in done:
+            log.info("capture %s: %s", self.mode, line)
+        return done
+
+    def retained_wal_bytes(self) -> int | None:
+        """WAL the slot keeps on the server (``pg_current_wal_lsn() - restart_lsn``)."""
+        with self._autocommit() as conn:
+            return conn.execute(
+                sa.text(
+                    "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint "
+                    "FROM pg_replication_slots WHERE slot_name = :s"
+                ),
+                {"s": self.slot},
+            ).scalar()

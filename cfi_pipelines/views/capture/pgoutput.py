@@ -1,0 +1,177 @@
+"""Parsing PostgreSQL's ``pgoutput`` logical replication messages (protocol version 1).
+
+What :func:`pg_logical_slot_peek_binary_changes` returns with the ``pgoutput`` plugin:
+one binary message per row (Begin ``B``, Commit ``C``, Relation ``R``, Type ``Y``,
+Origin ``O``, Insert ``I``, Update ``U``, Delete ``D``, Truncate ``T``), layout as in
+PostgreSQL's "Logical Replication Message Formats". Pure functions, no database: the
+caller turns column text into Python values with the source table's SQLAlchemy types.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+
+
+def lsn_to_int(text: str) -> int:
+    """``"16/B374D848"`` → 0x16B374D848."""
+    hi, lo = text.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def int_to_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+@dataclass
+class Relation:
+    oid: int
+    schema: str
+    name: str
+    replica_identity: str  # d default, f full, i index, n nothing
+    columns: list[str]
+    key_flags: list[bool]
+
+
+@dataclass
+class Tuple:
+    """Column text by name (None for NULL); unchanged TOASTed columns are left out."""
+
+    values: dict[str, str | None]
+
+
+@dataclass
+class Change:
+    op: str  # I U D T
+    relation: Relation
+    new: Tuple | None = None
+    old: Tuple | None = None
+    old_is_full: bool = False  # 'O' (whole old row) rather than 'K' (key columns only)
+
+
+@dataclass
+class Transaction:
+    xid: int
+    final_lsn: int
+    commit_lsn: int = 0
+    end_lsn: int = 0
+    changes: list[Change] = field(default_factory=list)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        (value,) = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        end = self.data.index(b"\0", self.pos)
+        text = self.data[self.pos : end].decode()
+        self.pos = end + 1
+        return text
+
+    def tuple(self, rel: Relation) -> Tuple:
+        n = self.take("!h")
+        values: dict[str, str | None] = {}
+        for i in range(n):
+            kind = self.take("!c")
+            name = rel.columns[i]
+            if kind == b"n":
+                values[name] = None
+            elif kind == b"u":  # unchanged TOAST value: not sent
+                continue
+            else:  # b"t" text (b"b" binary is only sent when asked for)
+                length = self.take("!i")
+                values[name] = self.data[self.pos : self.pos + length].decode()
+                self.pos += length
+        return Tuple(values)
+
+
+def parse_messages(messages: list[bytes], relations: dict[int, Relation]) -> list[Transaction]:
+    """The transactions in ``messages`` (in order), with their row changes.
+
+    ``relations`` is filled with the Relation messages seen (and read for the ones sent
+    earlier in the same decoding session)."""
+    out: list[Transaction] = []
+    tx: Transaction | None = None
+    for raw in messages:
+        r = _Reader(bytes(raw))
+        kind = r.take("!c")
+        if kind == b"B":
+            final_lsn, _ts, xid = r.take("!Q"), r.take("!q"), r.take("!I")
+            tx = Transaction(xid=xid, final_lsn=final_lsn)
+        elif kind == b"C":
+            r.take("!B")
+            commit_lsn, end_lsn = r.take("!Q"), r.take("!Q")
+            if tx is not None:
+                tx.commit_lsn, tx.end_lsn = commit_lsn, end_lsn
+                out.append(tx)
+            tx = None
+        elif kind == b"R":
+            oid = r.take("!I")
+            schema, name = r.string(), r.string()
+            ident = r.take("!c").decode()
+            ncols = r.take("!h")
+            cols, keys = [], []
+            for _ in range(ncols):
+                flags = r.take("!B")
+                cols.append(r.string())
+                r.take("!I")  # type oid
+                r.take("!i")  # type modifier
+                keys.append(bool(flags & 1))
+            relations[oid] = Relation(oid, schema or "pg_catalog", name, ident, cols, keys)
+        elif kind in (b"I", b"U", b"D") and tx is not None:
+            rel = relations[r.take("!I")]
+            change = Change(op=kind.decode(), relation=rel)
+            marker = r.take("!c")
+            if marker in (b"K", b"O"):
+                change.old, change.old_is_full = r.tuple(rel), marker == b"O"
+                if kind == b"U":
+                    marker = r.take("!c")
+            if kind != b"D":
+                change.new = r.tuple(rel)  # marker is b"N"
+            tx.changes.append(change)
+        elif kind == b"T" and tx is not None:
+            nrel, _options = r.take("!i"), r.take("!B")
+            for _ in range(nrel):
+                oid = r.take("!I")
+                if oid in relations:
+                    tx.changes.append(Change(op="T", relation=relations[oid]))
+        # b"Y" (type), b"O" (origin), b"M" (message): nothing the views need
+    return out
+
+
+def _converter(column: sa.Column):
+    try:
+        kind = column.type.python_type
+    except NotImplementedError:
+        return str
+    if kind is bool:
+        return lambda v: v == "t"
+    if kind is int:
+        return int
+    if kind is Decimal:
+        return Decimal
+    if kind is datetime:
+        return datetime.fromisoformat
+    if kind is date:
+        return date.fromisoformat
+    return str
+
+
+def typed(table: sa.Table, values: dict[str, str | None]) -> dict[str, Any]:
+    """Column text → the Python types of ``table``'s columns (unknown columns kept as text)."""
+    out: dict[str, Any] = {}
+    for name, text in values.items():
+        col = table.c.get(name)
+        out[name] = None if text is None or col is None else _converter(col)(text)
+    return out
