@@ -183,11 +183,14 @@ def test_freshness_thresholds():
     assert freshness_severity(None) == (False, dg.AssetCheckSeverity.ERROR)
 
 
-def test_assets_carry_pools_and_freshness_policies(sqlite_dbs):
+def test_assets_carry_pools_and_one_freshness_mechanism_the_check(sqlite_dbs):
     defs = _defs(sqlite_dbs)
     for key in VIEW_KEYS:
         asset = defs.resolve_assets_def(key)
-        assert asset.specs_by_key[key].freshness_policy is not None
+        # a FreshnessPolicy would count materializations only (see the GraphQL test below)
+        assert asset.specs_by_key[key].freshness_policy is None
+        specs = [spec for check in view_checks for spec in check.check_specs]
+        assert any(s.asset_key == key and s.name == "freshness" for s in specs)
         assert list(asset.op.pools) == [f"cfi_view_{key.path[-1]}"]
 
 
@@ -195,3 +198,77 @@ def test_automation_is_on_by_default_and_off_with_cfi_automation(monkeypatch):
     assert {s.default_status for s in build_view_schedules()} == {dg.DefaultScheduleStatus.RUNNING}
     monkeypatch.setenv("CFI_AUTOMATION", "off")
     assert {s.default_status for s in build_view_schedules()} == {dg.DefaultScheduleStatus.STOPPED}
+
+
+UI_FRESHNESS = """
+query ($key: AssetKeyInput!) {
+  assetOrError(assetKey: $key) {
+    ... on Asset {
+      assetHealth { freshnessStatus assetChecksStatus }
+      definition { freshnessStatusInfo { freshnessStatus } }
+    }
+  }
+}
+"""
+
+
+def test_a_quiet_view_verified_current_reads_fresh_in_the_ui_as_in_status(tmp_path):
+    """Issue 16 item 5: 16 min after its last materialization, a view the change sensor
+    verified current is PASS in `status` and in its freshness check; the UI (GraphQL,
+    after the freshness daemon's evaluation) must not call it failed."""
+    import asyncio
+    import os
+
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin
+    from dagster._core.test_utils import (
+        create_test_daemon_workspace_context,
+        freeze_time,
+        instance_for_test,
+    )
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
+    from dagster._daemon.freshness import FreshnessDaemon
+    from dagster._time import get_current_datetime
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    from cfi_pipelines.assets.views import freshness_check_result
+
+    key = view_key("operations")
+    origin = InProcessCodeLocationOrigin(
+        LoadableTargetOrigin(
+            module_name="cfi_pipelines.definitions", working_directory=os.getcwd()
+        ),
+        location_name="cfi_pipelines",
+    )
+    with (
+        instance_for_test() as instance,
+        create_test_daemon_workspace_context(
+            InProcessWorkspaceLoadTarget(origin), instance
+        ) as workspace,
+    ):
+        instance.report_runless_asset_event(dg.AssetMaterialization(key))
+        later = get_current_datetime() + timedelta(minutes=16)
+        with freeze_time(later):
+            # what the change sensor reports when nothing changed: verified current now
+            now = later.replace(tzinfo=None)
+            check = freshness_check_result({"source_snapshot_at": now, "source": "db"}, now)
+            assert check.passed
+            instance.report_runless_asset_event(
+                dg.AssetCheckEvaluation(
+                    asset_key=key,
+                    check_name="freshness",
+                    passed=check.passed,
+                    severity=check.severity,
+                    description=check.description,
+                )
+            )
+            asyncio.run(FreshnessDaemon()._evaluate_assets(workspace))  # noqa: SLF001
+            result = execute_dagster_graphql(
+                workspace.create_request_context(), UI_FRESHNESS, {"key": {"path": key.path}}
+            )
+    assert not result.errors, result.errors
+    node = result.data["assetOrError"]
+    ui = (node["definition"]["freshnessStatusInfo"] or {}).get("freshnessStatus")
+    assert ui not in ("DEGRADED", "WARNING"), node  # the UI agrees with the check: not red
+    health = node["assetHealth"] or {}  # None unless the instance computes asset health
+    assert health.get("freshnessStatus") not in ("DEGRADED", "WARNING"), node
