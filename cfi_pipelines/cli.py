@@ -51,12 +51,30 @@ def cli() -> None:
 @cli.command()
 @click.option("--scale", type=click.IntRange(min=1), default=1, help="1 ≈ 10k stock rows, 100 ≈ 1M")
 @click.option("--seed", type=int, default=0, help="random seed (same seed, same data)")
+@click.option(
+    "--only",
+    type=click.Choice(["source", "common", "mycfia"]),
+    multiple=True,
+    help="seed only this database (repeatable); replaces its data if it holds any",
+)
+@click.option("--force", is_flag=True, help="replace the data of every database seeded")
 @_exits
-def seed(scale: int, seed: int) -> int:
-    """Create and fill the three embedded/configured databases (demo data)."""
+def seed(scale: int, seed: int, only: Sequence[str], force: bool) -> int:
+    """Create and fill the databases with demo data: CFI's source, the common DB's schema,
+    MyCfia's campaigns. A database that holds data is replaced only when named with --only
+    or with --force; otherwise nothing is written and each database is listed."""
     from cfi_pipelines.devtools.seed import seed_all
+    from cfi_pipelines.devtools.seed_plan import SeedRefused, prepare
 
-    for line in seed_all(get_settings(), scale=scale, seed=seed):
+    s = get_settings()
+    try:
+        targets, replacing = prepare(s, only, force)
+    except SeedRefused as exc:
+        for line in exc.listing:
+            click.echo(line)
+        click.echo(f"error: {exc}", err=True)
+        return EXIT_FAILED
+    for line in [*replacing, *seed_all(s, scale=scale, seed=seed, only=targets)]:
         click.echo(line)
     return EXIT_OK
 

@@ -9,7 +9,7 @@ so that "overdue" stays meaningful.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -406,19 +406,38 @@ def source_is_seeded(settings: Settings) -> bool:
         return False
 
 
-def seed_all(settings: Settings, *, scale: int = 1, seed: int = 0) -> list[str]:
-    """(Re)create and fill the three databases; one line per database for the operator."""
+def seed_all(
+    settings: Settings,
+    *,
+    scale: int = 1,
+    seed: int = 0,
+    only: Sequence[str] = ("source", "common", "mycfia"),
+) -> list[str]:
+    """(Re)create and fill the databases named in ``only`` (all three by default): one line
+    per database for the operator. MyCfia's demo campaigns are drawn from the source DB,
+    which must be seeded already when it is not in ``only``.
+
+    No check here: ``cfi-pipelines seed`` asks :mod:`~cfi_pipelines.devtools.seed_plan`
+    first; ``demo`` and ``dev`` call it only when the source DB is missing.
+    """
     source = engine_for(settings.source_url)
-    counts = seed_source(source, scale=scale, seed=seed)
-    init_common(engine_for(settings.common_url))
-    mcounts = seed_mycfia(engine_for(settings.mycfia_url), source, scale=scale, seed=seed)
-    return [
-        f"CFI source DB ({redact(settings.source_url)}): "
-        + ", ".join(f"{k} {v}" for k, v in counts.items()),
-        f"common DB ({redact(settings.common_url)}): schema ready",
-        f"MyCfia DB ({redact(settings.mycfia_url)}): "
-        + ", ".join(f"{k} {v}" for k, v in mcounts.items()),
-    ]
+    lines = []
+    if "source" in only:
+        counts = seed_source(source, scale=scale, seed=seed)
+        lines.append(
+            f"CFI source DB ({redact(settings.source_url)}): "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+        )
+    if "common" in only:
+        init_common(engine_for(settings.common_url))
+        lines.append(f"common DB ({redact(settings.common_url)}): schema ready")
+    if "mycfia" in only:
+        mcounts = seed_mycfia(engine_for(settings.mycfia_url), source, scale=scale, seed=seed)
+        lines.append(
+            f"MyCfia DB ({redact(settings.mycfia_url)}): "
+            + ", ".join(f"{k} {v}" for k, v in mcounts.items())
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------- fast path
