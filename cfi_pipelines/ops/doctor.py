@@ -199,6 +199,8 @@ def check_database(component: str, variable: str, url: str) -> list[Check]:
                         f"{READONLY_ROLE} has SELECT and no INSERT on the read model",
                     )
                 )
+            if component == "cfi_source" and conn.dialect.name == "mssql":
+                out.append(check_change_tracking(conn, where))
             conn.rollback()
             return out
     except Exception as exc:
@@ -213,6 +215,32 @@ def check_database(component: str, variable: str, url: str) -> list[Check]:
         ]
     finally:
         engine.dispose()
+
+
+def check_change_tracking(conn: sa.Connection, where: str) -> Check:
+    """SQL Server source: Change Tracking on the database and on each followed table,
+    snapshot isolation allowed, VIEW CHANGE TRACKING granted (catalog functions, O(1)).
+    WARN, not FAIL: without it the capture falls back to ``updated_at``."""
+    from cfi_pipelines.views.capture.mssql import DBA_SCRIPT, change_tracking_problems
+    from cfi_pipelines.views.probe import source_tables as followed
+
+    tables = followed()
+    problems = change_tracking_problems(conn, tables)
+    if problems:
+        return Check(
+            "cfi_source:change_tracking",
+            WARN,
+            "; ".join(problems) + f" on {where}: changes are found by updated_at only (deletes "
+            f"and silent updates wait for the nightly full refresh); have CFI's DBA run "
+            f"{DBA_SCRIPT} (sqlcmd -v READER=<the account of CFI_SOURCE_URL>)",
+            "CFI_SOURCE_URL",
+        )
+    return Check(
+        "cfi_source:change_tracking",
+        OK,
+        f"Change Tracking on, {len(tables)} followed tables tracked, VIEW CHANGE TRACKING "
+        "granted, snapshot isolation allowed",
+    )
 
 
 def _short(exc: BaseException) -> str:

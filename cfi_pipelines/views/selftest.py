@@ -11,6 +11,13 @@ create (staging table) → bulk load (``db.insert_rows``: COPY on PostgreSQL,
 upsert (``upsert_statement``: ON CONFLICT / MERGE) → grant copy
 (``copy_grants_sql``) → swap (``swap_statements``: renames / ``sp_rename``).
 
+On SQL Server, a last step proves Change Tracking's round trip (the capture mode of
+CFI's source, :mod:`cfi_pipelines.views.capture.mssql`): a scratch table with a
+primary key, tracked; an insert then a delete, each read back through the capture's
+own ``CHANGETABLE(CHANGES …)`` statement with its key and I/D. It needs Change
+Tracking on the database it runs on (the common DB); where it is off the step says
+so and is skipped (``doctor`` checks CFI's source itself).
+
 Each step commits (as the refresh does), and the scratch tables are dropped in a
 ``finally`` whatever happened. Plain functions, no Dagster.
 """
@@ -59,8 +66,13 @@ class ScratchTables:
     token: str
 
     @property
+    def ct_name(self) -> str:
+        """The Change Tracking round trip's table (SQL Server only)."""
+        return f"{PREFIX}{self.token}_ct"
+
+    @property
     def names(self) -> tuple[str, ...]:
-        return (self.live.name, self.staging.name, self.old_name)
+        return (self.live.name, self.staging.name, self.old_name, self.ct_name)
 
 
 def scratch_tables(token: str | None = None, view: str = VIEW) -> ScratchTables:
@@ -124,7 +136,71 @@ def compiled_statements(dialect: Dialect, token: str = "000000") -> dict[str, li
         ],
         "grant_copy": [grants] if grants else [],
         "swap": swap_statements(name, t.live.name, t.staging.name, t.old_name),
+        **({"change_tracking": _ct_statements(dialect, t.ct_name)} if name == "mssql" else {}),
     }
+
+
+def _ct_table(name: str) -> sa.Table:
+    return sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("v", sa.Integer),
+    )
+
+
+def _ct_statements(dialect: Dialect, name: str) -> list[str]:
+    from cfi_pipelines.views.capture.mssql import CURRENT_VERSION, changes_sql
+
+    prep = dialect.identifier_preparer
+    table = _ct_table(name)
+    return [
+        f"ALTER TABLE {prep.format_table(table)} ENABLE CHANGE_TRACKING",
+        str(CURRENT_VERSION.compile(dialect=dialect)),
+        str(changes_sql(table, prep).compile(dialect=dialect)),
+    ]
+
+
+def change_tracking_roundtrip(engine: Engine, name: str) -> tuple[bool, str]:
+    """SQL Server: create ``name`` (a primary key), track it, insert key 42 and read it back
+    as an ``I`` through CHANGETABLE, delete it and read a ``D`` with the key. ``(ok,
+    detail)``; skipped (ok) when Change Tracking is off on this database."""
+    from cfi_pipelines.views.capture.mssql import CURRENT_VERSION, changes_sql, row_change
+
+    prep = engine.dialect.identifier_preparer
+    table = _ct_table(name)
+
+    def version() -> int | None:
+        with engine.connect() as conn:
+            v = conn.execute(CURRENT_VERSION).scalar()
+            conn.rollback()
+        return v
+
+    def read(since: int) -> list:
+        with engine.connect() as conn:
+            rows = conn.execute(changes_sql(table, prep), {"since": since}).mappings().all()
+            conn.rollback()
+        return [row_change(table, r) for r in rows]
+
+    if version() is None:
+        return True, (
+            "skipped: Change Tracking is off on this database (ALTER DATABASE CURRENT SET "
+            "CHANGE_TRACKING = ON to prove the round trip here; doctor checks CFI's source)"
+        )
+    with write_transaction(engine) as conn:
+        table.create(conn)
+        conn.exec_driver_sql(f"ALTER TABLE {prep.format_table(table)} ENABLE CHANGE_TRACKING")
+    v0 = version()
+    with write_transaction(engine) as conn:
+        conn.execute(table.insert().values(id=42, v=1))
+    inserted, v1 = read(v0), version()
+    with write_transaction(engine) as conn:
+        conn.execute(table.delete().where(table.c.id == 42))
+    deleted, v2 = read(v1), version()
+    got = [(c.op, (c.new or c.old or {}).get("id")) for c in inserted + deleted]
+    if got != [("I", 42), ("D", 42)]:
+        return False, f"CHANGETABLE gave {got} for an insert then a delete of key 42"
+    return True, f"insert then delete of key 42 read back as I, D (versions {v0} -> {v1} -> {v2})"
 
 
 def describe_error(exc: BaseException) -> str:
@@ -268,6 +344,13 @@ def run_selftest(engine: Engine, *, token: str | None = None) -> list[StepResult
             except Exception as exc:  # reported, then the next steps are skipped
                 failed = True
                 results.append(StepResult(name, False, describe_error(exc)))
+        if dialect == "mssql":  # its own transactions: versions move at commit
+            try:
+                results.append(
+                    StepResult("change_tracking", *change_tracking_roundtrip(engine, t.ct_name))
+                )
+            except Exception as exc:
+                results.append(StepResult("change_tracking", False, describe_error(exc)))
     finally:
         try:
             dropped = _drop_all(engine, t.names)
