@@ -2,10 +2,11 @@
 
 Four denormalised views (``cfi_stocks``, ``cfi_operations``, ``cfi_invoices``,
 ``cfi_campaigns``), the tenant closure that makes "a tenant sees itself and all
-its descendants" one indexed join, the freshness status of each view, and the
-refresh history. The view tables are *rebuilt* by every full refresh (a staging
-copy swapped in), so their indexes are declared here for ``create_all`` and
-re-created by the refresh under per-refresh names.
+its descendants" one indexed join, the tenants' codes and login roles
+(``cfi_tenants``, what row-level security binds a reader to), the freshness
+status of each view, and the refresh history. The view tables are *rebuilt* by
+every full refresh (a staging copy swapped in), so their indexes are declared
+here for ``create_all`` and re-created by the refresh under per-refresh names.
 """
 
 from __future__ import annotations
@@ -104,6 +105,17 @@ cfi_tenant_closure = sa.Table(
     sa.Column("descendant", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("depth", sa.Integer, nullable=False),
     sa.Index("ix_cfi_tenant_closure_descendant", "descendant"),
+)
+
+cfi_tenants = sa.Table(
+    "cfi_tenants",
+    metadata,
+    sa.Column("tenant_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("code", sa.String(32), nullable=False, unique=True),
+    # PostgreSQL: the LOGIN role bound to this tenant (cfi_pipelines.tenancy.roles);
+    # the row-level security policies map current_user to tenant_id through it.
+    sa.Column("role_name", sa.String(63), nullable=False, unique=True),
+    sa.Column("secret_fingerprint", sa.String(32)),
 )
 
 cfi_view_status = sa.Table(

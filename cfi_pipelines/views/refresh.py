@@ -34,6 +34,7 @@ from typing import Literal
 from sqlalchemy.engine import Engine
 
 from cfi_pipelines.clock import utcnow
+from cfi_pipelines.tenancy.roles import sync_after_refresh
 from cfi_pipelines.views.incremental import (
     _high_watermark,
     _incremental,
@@ -121,6 +122,7 @@ def refresh_view(
         effective = "full"  # nothing to increment from yet: a first refresh is always full
     try:
         closure = _read_closure(source)
+        sync_after_refresh(source, target)  # tenants' map and login roles (tenancy.roles)
         if effective == "incremental":
             return _incremental(
                 spec,

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cfi_pipelines.clock import utcnow
+from cfi_pipelines.tenancy.policies import copy_policies, mssql_swap_statements
 from cfi_pipelines.views.load import (
     Loader,
     _analyze_sql,
@@ -257,8 +258,17 @@ def swap_in(
                         f"GRANT {privilege} ON {prep.quote(staging.name)} TO {prep.quote(grantee)}"
                     )
             if live_exists:
+                # row-level security belongs to the table object too (tenancy.policies)
+                copy_policies(conn, live.name, staging.name)
+                if dialect == "mssql":
+                    add_predicates, drop_predicates = mssql_swap_statements(
+                        live.name, staging.name, old_name
+                    )
+                    conn.exec_driver_sql(add_predicates)
                 for stmt in swap_statements(dialect, live.name, staging.name, old_name):
                     conn.exec_driver_sql(stmt)
+                if dialect == "mssql":
+                    conn.exec_driver_sql(drop_predicates)
             else:
                 conn.exec_driver_sql(swap_statements(dialect, live.name, staging.name, old_name)[1])
             if closure is not None:
