@@ -253,6 +253,25 @@ def doctor(as_json: bool, selftest: bool, send_test_alert: bool) -> int:
     return report(as_json=as_json, selftest=selftest, send_test_alert=send_test_alert)
 
 
+@cli.command()
+@click.option("--tenant", required=True, metavar="CODE", help="CFI tenant code, e.g. NORD-01")
+@click.argument("sql")
+@click.option("--max-rows", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="seconds")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_exits
+def query(tenant: str, sql: str, max_rows: int, timeout: float, as_json: bool) -> int:
+    """One read as a tenant, through the binding MyCfia uses (exit 1: refused, one line why)."""
+    from cfi_pipelines.settings import tenant_secret
+    from cfi_pipelines.tenancy.query import report
+
+    return report(
+        get_settings().common_url, tenant, sql, secret=tenant_secret(),
+        max_rows=max_rows, timeout_s=timeout, as_json=as_json,
+    )  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (``cfi-pipelines``); returns the exit code when called from Python."""
     try:

@@ -58,3 +58,49 @@ def read_as_tenant(
             "sp_set_session_context (see deploy/sql/sqlserver_row_level_security.sql)"
         )
     return ReadResult(code, tenant_id, binding, columns, rows, truncated)
+
+
+def _cell(value: object) -> str:
+    return "" if value is None else str(value).replace("\t", " ").replace("\n", " ")
+
+
+def report(
+    common_url: str,
+    code: str,
+    sql: str,
+    *,
+    secret: str | None,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    as_json: bool = False,
+) -> int:
+    """``cfi-pipelines query``: print the rows (tab-separated with a header, or JSON),
+    or one line ``refused: <why>`` on stderr. 0 when the read ran, else 1."""
+    import json
+
+    import click
+
+    try:
+        r = read_as_tenant(
+            common_url, code, sql, secret=secret, max_rows=max_rows, timeout_s=timeout_s
+        )
+    except Refused as exc:
+        click.echo(f"refused: {exc}", err=True)
+        return 1
+    if as_json:
+        doc = {
+            "tenant": r.tenant_code,
+            "tenant_id": r.tenant_id,
+            "binding": r.binding,
+            "columns": r.columns,
+            "rows": [dict(zip(r.columns, row, strict=False)) for row in r.rows],
+            "truncated": r.truncated,
+        }
+        click.echo(json.dumps(doc, default=str, indent=2))
+        return 0
+    click.echo("\t".join(r.columns))
+    for row in r.rows:
+        click.echo("\t".join(_cell(v) for v in row))
+    more = f", truncated at --max-rows {max_rows}" if r.truncated else ""
+    click.echo(f"({len(r.rows)} rows as {r.tenant_code}, tenant {r.tenant_id}{more})", err=True)
+    return 0

@@ -62,8 +62,8 @@ def _authorizer(views: frozenset[str]):
             # a main table read by one of our TEMP views (inner names the view)
             if db == "main" and inner in allowed_main:
                 return sqlite3.SQLITE_OK
-            # a column of one of our TEMP views
-            if db == "temp" and arg1 in allowed_main:
+            # a column of one of our TEMP views, or of a CTE (no database: not a table)
+            if (db == "temp" and arg1 in allowed_main) or db is None:
                 return sqlite3.SQLITE_OK
             return sqlite3.SQLITE_DENY
         if action == sqlite3.SQLITE_FUNCTION:
@@ -106,7 +106,7 @@ def _refusal(exc: sqlite3.Error, timeout_s: float, timed_out: bool) -> Refused:
             "not allowed for a tenant: only SELECT on cfi_stocks, cfi_operations, "
             "cfi_invoices, cfi_campaigns, cfi_tenant_closure, cfi_tenants, cfi_view_status"
         )
-    if "readonly" in message or "read-only" in message or "query_only" in message:
+    if any(w in message for w in ("readonly", "read-only", "query_only", "cannot modify")):
         return Refused(f"reads only: {message}")
     retryable = "locked" in message or "busy" in message
     return Refused(message, retryable=retryable)
