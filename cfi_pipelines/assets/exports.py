@@ -1,11 +1,21 @@
 """Campaign export assets, one dynamic partition per campaign id.
 
 ``cfi_export/campaign_files`` builds the JSON + CSV + manifest in the outbox and
-carries the blocking check ``valid_against_schema``; ``cfi_export/campaign_delivery``
+carries the check ``valid_against_schema`` (per partition); ``cfi_export/campaign_delivery``
 uploads them over SFTP, under a retry policy, only when the check passed. Both
 write the outcome to MyCfia's ``campaign_exports`` table, and alert (resource
 "alerts"): a rejected campaign, a delivery that failed for good (last retry, or an
 error no retry can fix), then "recovered" once the campaign is delivered.
+
+Each state of a partition reads as what it is, in the UI:
+
+- delivered: both assets materialized (green);
+- rejected by validation: neither materialized (grey), the check failed *for that
+  partition*, and an observation on each asset gives the reason;
+- delivery failed: campaign_delivery red (a failed step, or in a batch run a planned
+  materialization the failed run did not make);
+- a failed re-send of a delivered revision: stays green (its files are on the drop),
+  an observation says the re-send failed; no alert episode (nothing was lost).
 """
 
 import random
@@ -94,6 +104,41 @@ def _check_metadata(bundle: ExportBundle, partition: str) -> dict[str, Any]:
     }
 
 
+def _rejected_observations(bundle: ExportBundle, partition: str) -> list[dg.AssetObservation]:
+    """The reason a rejected partition is grey, on both assets (the UI's partition view)."""
+    reason = bundle.error_text(limit=10)
+    return [
+        dg.AssetObservation(
+            key,
+            partition=partition,
+            description=f"rejected by validation: {what}",
+            metadata={
+                "status": "rejected",
+                "revision": bundle.revision,
+                "error_count": dg.MetadataValue.int(bundle.error_count),
+                "reason": reason,
+            },
+        )
+        for key, what in (
+            (FILES_KEY, "the export does not match the JSON Schema"),
+            (DELIVERY_KEY, "not delivered (nothing is sent for an invalid campaign)"),
+        )
+    ]
+
+
+def _resend_failed_observation(outcome: DeliveryOutcome, partition: str) -> dg.AssetObservation:
+    return dg.AssetObservation(
+        DELIVERY_KEY,
+        partition=partition,
+        description="re-send failed; the revision stays delivered (its files are on the drop)",
+        metadata={
+            "status": "resend_failed",
+            "revision": outcome.revision,
+            "reason": outcome.message,
+        },
+    )
+
+
 def _report_rejected(
     context: dg.OpExecutionContext, alerts: AlertsResource, bundle: ExportBundle
 ) -> None:
@@ -131,12 +176,16 @@ def _report_rejected(
             description="Every field of the campaign and of each target matches the JSON Schema; "
             "a failure marks the export 'rejected' (errors in the metadata) and the delivery is "
             "not attempted: a rejection is a failed check, never a failed delivery.",
+            partitions_def=campaigns_partitions,  # evaluated per campaign: "Partition 1007"
         )
     ],
+    # a rejected campaign is not materialized (grey, with its reason): only what is valid
+    # is an export; the delivery, downstream, is then skipped
+    output_required=False,
 )
 def campaign_files(
     context: dg.AssetExecutionContext, mycfia: DatabaseResource, alerts: AlertsResource
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult | dg.AssetObservation]:
     """Build and validate one campaign's export; record pending or rejected."""
     campaign_id = _campaign_id(context)
     try:
@@ -147,8 +196,6 @@ def campaign_files(
         raise dg.Failure(
             str(exc), metadata={"campaign_id": campaign_id}, allow_retries=False
         ) from None
-    if not bundle.valid:
-        _report_rejected(context, alerts, bundle)
     check = dg.AssetCheckResult(
         check_name=CHECK_NAME,
         passed=bundle.valid,
@@ -156,9 +203,14 @@ def campaign_files(
         description=_check_description(bundle),
         metadata=_check_metadata(bundle, context.partition_key),
     )
+    if not bundle.valid:
+        _report_rejected(context, alerts, bundle)
+        yield check
+        yield from _rejected_observations(bundle, context.partition_key)
+        return
     meta = _files_metadata(bundle)
-    meta["status"] = "pending" if bundle.valid else "rejected"
-    return dg.MaterializeResult(metadata=meta, check_results=[check])
+    meta["status"] = "pending"
+    yield dg.MaterializeResult(metadata=meta, check_results=[check])
 
 
 DELIVERY_RETRY_POLICY = dg.RetryPolicy(
@@ -188,7 +240,7 @@ def campaign_delivery(
     mycfia: DatabaseResource,
     sftp: SFTPResource,
     alerts: AlertsResource,
-) -> Iterator[dg.MaterializeResult]:
+) -> Iterator[dg.MaterializeResult | dg.AssetObservation]:
     """Upload the built files of the partition's campaign over one SFTP connection."""
     campaign_id = _campaign_id(context)
     attempt = context.retry_number + 1
@@ -198,6 +250,12 @@ def campaign_delivery(
         context.log.warning(
             f"campaign {campaign_id} r{row.revision} was rejected by validation: delivery not "
             "attempted (see the failed valid_against_schema check of cfi_export/campaign_files)"
+        )
+        yield dg.AssetObservation(
+            DELIVERY_KEY,
+            partition=context.partition_key,
+            description="rejected by validation: not delivered",
+            metadata={"status": "rejected", "revision": row.revision, "reason": row.error or ""},
         )
         return
     target = SFTPTarget(sftp.host, sftp.port, sftp.target, sftp.remote_dir, sftp.session)
@@ -210,6 +268,15 @@ def campaign_delivery(
             str(exc), metadata={"campaign_id": campaign_id}, allow_retries=False
         ) from None
     alerter = alerts.alerter(context.log)
+    if outcome.resend_failed:
+        # not a failed step: the partition stays green (delivered), the observation and
+        # the log say the re-send failed; `cfi-pipelines export --force` exits 1
+        context.log.error(
+            f"{outcome.message} The re-send failed; campaign {campaign_id} r{outcome.revision} "
+            "stays delivered: the files of its earlier delivery are on the drop."
+        )
+        yield _resend_failed_observation(outcome, context.partition_key)
+        return
     if not outcome.delivered:
         if outcome.final_failure:
             _report_final_failure(context, alerter, outcome, attempt)
@@ -318,6 +385,23 @@ def _retry_pause(attempt: int) -> float:
     return base * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not security
 
 
+def _mark_delivery_failed(context: dg.OpExecutionContext, partition: str) -> None:
+    """Make a campaign whose delivery failed in this batch run red in the UI, as a failed
+    ``campaign_export`` run would: Dagster colours a partition failed when a run that
+    *planned* its materialization fails without making it. A batch is an op, not the
+    asset, so nothing is planned for it: the plan is reported here, and the batch run
+    fails at its end (its Failure lists the campaigns). Dagster has no public API for
+    this event; it is the one the asset job itself logs at run start."""
+    from dagster._core.events import AssetMaterializationPlannedData, DagsterEvent
+
+    event = DagsterEvent.build_asset_materialization_planned_event(
+        context.job_name,
+        context.get_step_execution_context().step.key,
+        AssetMaterializationPlannedData(DELIVERY_KEY, partition=partition),
+    )
+    context.instance.report_dagster_event(event, context.run_id)
+
+
 def deliver_with_retries(
     context: dg.OpExecutionContext,
     engine: sa.Engine,
@@ -348,7 +432,7 @@ def deliver_with_retries(
     "per campaign: materializations of cfi_export/campaign_files and "
     "cfi_export/campaign_delivery and the check valid_against_schema (partition = id).",
     tags={"kind": "sftp"},
-    out={},  # events only: the per-campaign materializations and check evaluations
+    out={},  # events only: the per-campaign materializations, observations, check evaluations
 )
 def export_campaign_batch(
     context: dg.OpExecutionContext,
@@ -356,10 +440,11 @@ def export_campaign_batch(
     mycfia: DatabaseResource,
     sftp: SFTPResource,
     alerts: AlertsResource,
-) -> Iterator[dg.AssetMaterialization | dg.AssetCheckEvaluation]:
+) -> Iterator[dg.AssetMaterialization | dg.AssetCheckEvaluation | dg.AssetObservation]:
     """One run, many campaigns. A rejected campaign is a failed check (never a failed
-    delivery); a delivery that failed is recorded (transient ones are re-tried later by
-    the sensor) and fails the run at the end, once every other campaign went through."""
+    delivery), grey with its reason; a delivery that failed is recorded (transient ones
+    are re-tried later by the sensor), red, and fails the run at the end, once every
+    other campaign went through."""
     engine = mycfia.engine()
     outbox = get_settings().outbox_dir
     alerter = alerts.alerter(context.log)
@@ -377,9 +462,10 @@ def export_campaign_batch(
                 problems[campaign_id] = str(exc)
                 counts["failed"] += 1
                 continue
-            files_meta = _files_metadata(bundle)
-            files_meta["status"] = "pending" if bundle.valid else "rejected"
-            yield dg.AssetMaterialization(FILES_KEY, partition=partition, metadata=files_meta)
+            if bundle.valid:
+                files_meta = _files_metadata(bundle)
+                files_meta["status"] = "pending"
+                yield dg.AssetMaterialization(FILES_KEY, partition=partition, metadata=files_meta)
             yield dg.AssetCheckEvaluation(
                 asset_key=FILES_KEY,
                 check_name=CHECK_NAME,
@@ -391,6 +477,7 @@ def export_campaign_batch(
             )
             if not bundle.valid:
                 _report_rejected(context, alerts, bundle)
+                yield from _rejected_observations(bundle, partition)
                 counts["rejected"] += 1
                 continue
             try:
@@ -407,10 +494,17 @@ def export_campaign_batch(
                 problems[campaign_id] = str(exc)
                 counts["failed"] += 1
                 continue
+            if outcome.resend_failed:  # stays delivered (green): said, not red
+                context.log.error(f"{outcome.message} (re-send; the revision stays delivered)")
+                yield _resend_failed_observation(outcome, partition)
+                problems[campaign_id] = outcome.message
+                counts["failed"] += 1
+                continue
             if not outcome.delivered:
                 context.log.error(outcome.message)
                 problems[campaign_id] = outcome.message
                 counts["failed"] += 1
+                _mark_delivery_failed(context, partition)
                 if outcome.final_failure:
                     _report_final_failure(context, alerter, outcome, attempts)
                 if shared.open_error is not None and not shared.gave_up:

@@ -75,6 +75,8 @@ class DeliveryOutcome:
     write_size: int | None = None
     seconds_from_validation: float | None = None
     next_attempt_at: datetime | None = None
+    was_delivered: bool = False
+    """The revision was delivered before this attempt (a re-send): it stays delivered."""
 
     @property
     def delivered(self) -> bool:
@@ -82,8 +84,13 @@ class DeliveryOutcome:
 
     @property
     def final_failure(self) -> bool:
-        """Failed for good: the operator must act (alert once)."""
-        return self.status == "failed"
+        """Failed for good and not on CFI's drop: the operator must act (alert once)."""
+        return self.status == "failed" and not self.was_delivered
+
+    @property
+    def resend_failed(self) -> bool:
+        """A re-send that failed for good: the earlier delivery's files are still on the drop."""
+        return self.status == "failed" and self.was_delivered
 
 
 def build_campaign(
@@ -202,6 +209,7 @@ def deliver_campaign(
         why = "was rejected:\n" + (row.error or "") if row is not None else "has not been built"
         raise NotDeliverable(f"campaign {campaign_id} {why}")
     revision = row.revision
+    was_delivered = row.status == "delivered"
     where = f"campaign {campaign_id} r{revision} to {sftp.target}"
 
     def failed(
@@ -233,6 +241,7 @@ def deliver_campaign(
             error_type=type(exc).__name__,
             bundle=bundle,
             next_attempt_at=next_attempt_at,
+            was_delivered=was_delivered,
         )
 
     bundle: ExportBundle | None = None

@@ -271,12 +271,19 @@ def _load_campaign(conn: sa.Connection, campaign_id: int, errors: _Collector) ->
     for name in _CAMPAIGN_TEXT:
         ptr = "/campaign/" + ("content" if name == "content" else name)
         out[name] = _decode(out[name], ptr, errors)
-    if out["status"] != "validated":
-        raise CampaignNotExportable(
-            f"campaign {campaign_id} r{out['revision']} is {out['status']!r}, not 'validated': "
-            "only validated campaigns are exported"
-        )
+    if (why := not_exportable_reason(campaign_id, out["revision"], out["status"])) is not None:
+        raise CampaignNotExportable(why)
     return out
+
+
+def not_exportable_reason(campaign_id: int, revision: int, status: str | None) -> str | None:
+    """Why a campaign in MyCfia status ``status`` is not exported, or None (validated)."""
+    if status == "validated":
+        return None
+    return (
+        f"campaign {campaign_id} r{revision} is {status!r}, not 'validated': "
+        "only validated campaigns are exported"
+    )
 
 
 def build_document(row: dict[str, Any], target_count: int, errors: _Collector) -> dict[str, Any]:

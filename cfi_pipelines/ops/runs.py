@@ -13,10 +13,11 @@ from typing import Any
 import dagster as dg
 import sqlalchemy as sa
 
-from cfi_pipelines.assets.exports import campaigns_partitions
+from cfi_pipelines.assets.exports import DELIVERY_KEY, campaigns_partitions
 from cfi_pipelines.assets.views import RefreshConfig, view_key, view_op_name
 from cfi_pipelines.db import engine_for
 from cfi_pipelines.definitions import defs as location_defs
+from cfi_pipelines.exports.document import not_exportable_reason
 from cfi_pipelines.model import mycfia
 from cfi_pipelines.ops.instance import local_instance
 from cfi_pipelines.settings import get_settings
@@ -102,8 +103,10 @@ def run_export(
 ) -> ExportRun:
     """Export one campaign now through the ``campaign_export`` job (partition = id).
 
-    Without ``force`` a revision already delivered is not sent again. Code 0:
-    delivered (or already delivered), 1 otherwise, with the reason.
+    Without ``force`` a revision already delivered is not sent again. A campaign that is
+    not validated (a draft) is refused before any run is launched: a run bound to fail
+    would only turn its partition red. Code 0: delivered (or already delivered), 1
+    otherwise, with the reason.
     """
     engine = engine_for(get_settings().mycfia_url)
     c, e = mycfia.campaigns.c, mycfia.campaign_exports.c
@@ -111,6 +114,9 @@ def run_export(
         campaign = conn.execute(sa.select(c.revision, c.status).where(c.id == campaign_id)).first()
         if campaign is None:
             return ExportRun(1, f"campaign {campaign_id} does not exist in MyCfia's DB")
+        refused = not_exportable_reason(campaign_id, campaign.revision, campaign.status)
+        if refused is not None:
+            return ExportRun(1, f"{refused}; nothing was launched")
         done = conn.execute(
             sa.select(e.manifest_path).where(
                 e.campaign_id == campaign_id,
@@ -146,7 +152,18 @@ def run_export(
         ).first()
     run = f"run {result.run_id}"
     reasons = list(dict.fromkeys(failure_descriptions(result)))
-    if result.success and row is not None and row.status == "delivered":
+    sent = any(ev.asset_key == DELIVERY_KEY for ev in result.get_asset_materialization_events())
+    if not sent:  # a failed re-send is an observation, not a failed step: the partition stays green
+        reasons += [
+            str(obs.metadata["reason"].value)
+            for obs in (
+                ev.asset_observation_data.asset_observation
+                for ev in result.all_events
+                if ev.event_type == dg.DagsterEventType.ASSET_OBSERVATION
+            )
+            if obs.asset_key == DELIVERY_KEY and "reason" in obs.metadata
+        ]
+    if sent and result.success and row is not None and row.status == "delivered":
         return ExportRun(
             0,
             f"campaign {campaign_id} r{revision} delivered: {row.manifest_path} ({run})",

@@ -95,6 +95,14 @@ def collect_status() -> dict[str, Any]:
     return out
 
 
+def _error_lines(label: str, error: str | None, indent: str = "    ") -> list[str]:
+    """``label: error`` on one line, or ``label:`` then each line of a longer error."""
+    text = (error or "").strip().splitlines()
+    if len(text) <= 1:
+        return [f"{indent}{label}: {text[0] if text else ''}".rstrip()]
+    return [f"{indent}{label}:", *(f"{indent}  {line}" for line in text)]
+
+
 def format_status(st: dict[str, Any]) -> list[str]:
     """The human-readable lines of :func:`collect_status`'s report."""
     lines = [f"{'view':<11} {'rows':>9} {'source':<8} {'freshness':<9} age"]
@@ -118,11 +126,8 @@ def format_status(st: dict[str, Any]) -> list[str]:
             ids = ", ".join(f"{c['campaign_id']} r{c['revision']}" for c in items)
             extra = f" (+{total - len(items)} more)" if total > len(items) else ""
             lines.append(f"  {status_name}: {ids}{extra}")
-            if status_name == "failed":
+            if status_name in ("failed", "rejected"):  # each with its whole error
                 for c in items:
-                    first = (c["error"] or "").strip().splitlines()
-                    lines.append(
-                        f"    {c['campaign_id']} r{c['revision']}: {first[0] if first else ''}"
-                    )
+                    lines += _error_lines(f"{c['campaign_id']} r{c['revision']}", c["error"])
     lines += [f"PROBLEM: {p}" for p in st["problems"]]
     return lines

@@ -274,9 +274,11 @@ def test_built_files_gone_fails_at_once_with_what_to_do(env, sshd, tmp_path):
         },
         raise_on_error=False,
     )
-    assert not result.success and delivery_attempts(result) == 1
-    failures = [e for e in result.all_events if e.is_step_failure]
-    assert "the built files are gone" in failures[0].step_failure_data.user_failure_data.description
+    assert delivery_attempts(result) == 1  # no retry can rebuild them
+    # a failed *re*-send is said (observation, log), not a red partition: still delivered
+    assert result.success and partition_status(instance, DELIVERY_KEY, "22") == "MATERIALIZED"
+    (obs,) = observations(instance, DELIVERY_KEY, "22")
+    assert obs["status"] == "resend_failed" and "the built files are gone" in obs["reason"]
     # a failed *re*-send never downgrades a delivered revision: its files are on the drop
     row = export_row(env, 22)
     assert (row.status, row.error, row.attempts) == ("delivered", None, 2)
@@ -312,3 +314,69 @@ def test_reexport_same_revision_is_idempotent(env, sshd):
             conn.execute(sa.select(sa.func.count()).select_from(mycfia.campaign_exports)).scalar()
             == 1
         )
+
+
+# ------------------------------------------------- issue 16 item 7: each state reads as what it is
+
+
+def partition_status(instance, key: dg.AssetKey, partition: str) -> str | None:
+    """What the UI colours the partition: MATERIALIZED (green), FAILED (red), None (grey)."""
+    status = instance.get_status_by_partition(key, [partition], campaigns_partitions)
+    value = (status or {}).get(partition)
+    return value.value if value is not None else None
+
+
+def observations(instance, key: dg.AssetKey, partition: str) -> list[dict]:
+    records = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=10
+    ).records
+    return [
+        {k: v.value for k, v in r.asset_observation.metadata.items()}
+        for r in records
+        if r.asset_observation is not None
+    ]
+
+
+def test_a_rejected_partition_is_grey_with_its_reason_and_a_failed_check_of_that_partition(
+    env, sshd
+):
+    bad = default_targets(2)
+    bad[1]["email"] = "not-an-email"
+    with env["engine"].begin() as conn:
+        add_campaign(conn, 21, targets=bad)
+    instance = dg.DagsterInstance.ephemeral()
+    result = export(env, 21, sftp_for(sshd, env["drop"]), instance=instance)
+    assert result.success
+    # not green: nothing valid was built, nothing delivered; not red: no step failed
+    assert partition_status(instance, FILES_KEY, "21") is None
+    assert partition_status(instance, DELIVERY_KEY, "21") is None
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and check.partition == "21"  # "Failed, Partition 21"
+    for key in (FILES_KEY, DELIVERY_KEY):  # the grey partition carries its reason
+        (obs,) = observations(instance, key, "21")
+        assert obs["status"] == "rejected" and "/targets/1/email" in obs["reason"], obs
+
+
+def test_a_failed_resend_of_a_delivered_revision_stays_green_and_alerts_nobody(
+    env, sshd, http_receiver
+):
+    from tests.fixtures.http import free_port
+
+    with env["engine"].begin() as conn:
+        add_campaign(conn, 22, tenant_code="T022", revision=2)
+    instance = dg.DagsterInstance.ephemeral()
+    alerts = webhook_alerts(http_receiver, env)
+    assert export(env, 22, sftp_for(sshd, env["drop"]), instance=instance, alerts=alerts).success
+    assert partition_status(instance, DELIVERY_KEY, "22") == "MATERIALIZED"
+    # a forced re-send while the server is unreachable
+    result = export(
+        env, 22, sftp_for(sshd, env["drop"], port=free_port()), instance=instance, alerts=alerts
+    )
+    assert export_row(env, 22).status == "delivered"  # the files are still on the drop
+    assert partition_status(instance, DELIVERY_KEY, "22") == "MATERIALIZED"  # not red
+    assert partition_status(instance, FILES_KEY, "22") == "MATERIALIZED"
+    (obs,) = observations(instance, DELIVERY_KEY, "22")
+    assert obs["status"] == "resend_failed" and "ConnectionRefusedError" in obs["reason"]
+    assert not [e for e in result.get_asset_materialization_events() if e.asset_key == DELIVERY_KEY]
+    # nothing was lost: no "export failed" episode, hence no wrong "recovered" later
+    assert received(http_receiver) == []

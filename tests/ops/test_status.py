@@ -87,3 +87,19 @@ def test_status_counts_and_lists_only_each_campaign_latest_revision(cfi_home: Pa
     assert st["exports"] == {"delivered": 1, "pending": 1, "rejected": 1, "failed": 1}
     ids = {k: [(c["campaign_id"], c["revision"]) for c in v] for k, v in st["campaigns"].items()}
     assert ids == {"failed": [(4, 1)], "pending": [(2, 3)], "rejected": [(3, 2)]}
+
+
+def test_status_lists_rejected_campaigns_with_their_errors(cfi_home: Path):
+    engine = create_engine(f"sqlite:///{cfi_home}/mycfia.db")
+    mycfia.metadata.create_all(engine)
+    errors = "/targets/1/email: not an e-mail\n/targets/4/phone: too long"
+    with write_transaction(engine) as conn:
+        record_export(conn, 8, 3, status="rejected", error=errors)
+    engine.dispose()
+    lines = format_status(collect_status())
+    at = lines.index("  rejected: 8 r3")
+    assert lines[at + 1 : at + 4] == [
+        "    8 r3:",
+        "      /targets/1/email: not an e-mail",
+        "      /targets/4/phone: too long",
+    ], lines

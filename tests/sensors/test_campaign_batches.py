@@ -233,8 +233,13 @@ def test_batch_delivers_valid_rejects_invalid_and_fails_on_draft_over_one_connec
 
     # per campaign, what the UI shows for campaign_export, partition = campaign id
     files = materialized(result, FILES_KEY)
-    assert sorted(files) == ["31", "32", "34"]
-    assert files["32"].metadata["status"].value == "rejected"
+    assert sorted(files) == ["31", "34"]  # a rejected campaign is no export: grey, its reason
+    rejected = [o for o in result.asset_observations_for_node("export_campaign_batch")]
+    assert {(o.asset_key, o.partition) for o in rejected} == {
+        (FILES_KEY, "32"),
+        (DELIVERY_KEY, "32"),
+    }
+    assert all("/targets/1/email" in o.metadata["reason"].value for o in rejected)
     delivered = materialized(result, DELIVERY_KEY)
     assert sorted(delivered) == ["31", "34"]  # a rejection is never a delivery (failed or not)
     assert delivered["31"].metadata["remote_manifest"].value == (
@@ -366,3 +371,31 @@ def test_server_down_fails_the_batch_fast_then_the_sensor_retries_it_as_a_batch(
     for r in requests:
         assert run_batch(env, batch_ids(r), sftp_for(server, env["drop"])).success
     assert {r.status for r in rows(env).values()} == {"delivered"}
+
+
+def test_a_campaign_whose_delivery_fails_in_a_batch_is_red_the_rejected_one_grey(env, sshd_factory):
+    """Issue 16 item 7: as a failed campaign_export run would show it, per partition."""
+    server = sshd_factory()  # not started: every delivery fails
+    bad = default_targets(2)
+    bad[1]["email"] = "not-an-email"
+    with env["engine"].begin() as conn:
+        add_campaign(conn, 71, tenant_code="T071")
+        add_campaign(conn, 72, tenant_code="T072", targets=bad)
+    instance = dg.DagsterInstance.ephemeral()
+    result = run_batch(env, [71, 72], sftp_for(server, env["drop"]), instance, max_attempts=1)
+    assert not result.success
+
+    def status(key, partition):
+        found = instance.get_status_by_partition(key, [partition], campaigns_partitions) or {}
+        value = found.get(partition)
+        return value.value if value is not None else None
+
+    assert status(DELIVERY_KEY, "71") == "FAILED"  # red: its delivery failed
+    assert status(FILES_KEY, "71") == "MATERIALIZED"
+    assert status(DELIVERY_KEY, "72") is None and status(FILES_KEY, "72") is None  # grey
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.partition == "72"]
+    assert not check.passed
+    # delivered later (the sensor's re-try): green again
+    server.start()
+    assert run_batch(env, [71], sftp_for(server, env["drop"]), instance).success
+    assert status(DELIVERY_KEY, "71") == "MATERIALIZED"
