@@ -12,9 +12,11 @@ never a traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from functools import wraps
+from types import FrameType
 from typing import Any
 
 import click
@@ -39,6 +41,25 @@ def _exits(fn: Callable[..., int | None]) -> Callable[..., None]:
             sys.stderr.close()
             code = EXIT_OK
         sys.exit(int(code or 0))
+
+    return run
+
+
+def _stops_on_signals(fn: Callable[..., int | None]) -> Callable[..., int | None]:
+    """For the long-running commands: SIGINT and SIGTERM stop them cleanly, whatever the
+    parent left them. A background job (`cmd &`) starts with SIGINT ignored, and a process
+    that ran Dagster code has SIGTERM following SIGINT (Dagster copies SIGINT's handler onto
+    SIGTERM), so an inherited "ignore" would make the server unstoppable but by SIGKILL. The
+    handler raises KeyboardInterrupt, which each command already turns into a clean stop."""
+
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> int | None:
+        def _interrupt(signum: int, frame: FrameType | None) -> None:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
+        return fn(*args, **kwargs)
 
     return run
 
@@ -162,6 +183,7 @@ def kpis(window_hours: float, as_json: bool) -> int:
 @click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 in a container")
 @click.option("--probe-tenant", type=int, default=None, help="tenant id of the probe read")
 @_exits
+@_stops_on_signals
 def metrics(port: int, host: str, probe_tenant: int | None) -> int:
     """Serve Prometheus metrics at /metrics."""
     from cfi_pipelines.ops.metrics import serve_metrics
@@ -179,6 +201,7 @@ def metrics(port: int, host: str, probe_tenant: int | None) -> int:
     help="fake CFI API port when CFI_API_URL is unset (0: any free port)",
 )
 @_exits
+@_stops_on_signals
 def dev(port: int, api_port: int) -> int:
     """Embedded servers + dagster dev with schedules and sensors running (Ctrl-C stops all)."""
     from cfi_pipelines.devtools.dev import run_dev
@@ -189,6 +212,7 @@ def dev(port: int, api_port: int) -> int:
 @cli.command("sftp-server")
 @click.option("--port", type=int, default=None, help="port on 127.0.0.1 (default 2222)")
 @_exits
+@_stops_on_signals
 def sftp_server(port: int | None) -> int:
     """Run the embedded development SFTP server."""
     from cfi_pipelines.devtools.sftp_server import serve
@@ -215,6 +239,7 @@ def sftp_server(port: int | None) -> int:
 )
 @click.option("--malformed-page", type=int, default=1, help="which page to break (1-based)")
 @_exits
+@_stops_on_signals
 def fake_cfi_api(
     host: str,
     port: int,

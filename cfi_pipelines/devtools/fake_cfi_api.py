@@ -368,8 +368,9 @@ def serve(
     source_url = source_url or settings.source_url
     api = FakeCfiApi(source_url, token=chosen, host=host, port=port, faults=faults)
     shown = "from CFI_API_TOKEN" if not token and settings.api_token else repr(chosen)
-    print(f"fake CFI API on {api.url} from {redact(source_url)} (token {shown})", flush=True)
-    print(f"  views: {', '.join(API_VIEWS)}; use CFI_API_URL={api.url}", flush=True)
+    # entered before the banner: a stop signal right after it is a clean stop too
     with contextlib.suppress(KeyboardInterrupt):
+        print(f"fake CFI API on {api.url} from {redact(source_url)} (token {shown})", flush=True)
+        print(f"  views: {', '.join(API_VIEWS)}; use CFI_API_URL={api.url}", flush=True)
         api.serve_forever()
     return 0

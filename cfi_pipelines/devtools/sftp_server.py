@@ -266,11 +266,15 @@ class DevSFTPServer:
 def serve(port: int | None = None) -> int:
     """``cfi-pipelines sftp-server [--port P]``: run the dev server until Ctrl-C."""
     server = DevSFTPServer(port=port or dev_port())
-    print(
-        f"dev SFTP server on 127.0.0.1:{server.port}, user {DEV_USER!r}, root {server.paths.root}"
-    )
-    print(f"  client key  {server.paths.client_key}\n  known_hosts {server.paths.known_hosts}")
-    try:
+    try:  # entered before the banner: a stop signal right after it is a clean stop too
+        print(
+            f"dev SFTP server on 127.0.0.1:{server.port}, user {DEV_USER!r}, "
+            f"root {server.paths.root}"
+        )
+        print(
+            f"  client key  {server.paths.client_key}\n  known_hosts {server.paths.known_hosts}",
+            flush=True,
+        )
         threading.Event().wait()
     except KeyboardInterrupt:
         pass

@@ -536,11 +536,10 @@ def serve_metrics(
     except OSError as exc:
         print(f"error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
-    print(f"serving Prometheus metrics on {server.url} (Ctrl-C to stop)", flush=True)
-    stop = threading.Event()
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
+    try:  # entered before the banner: a stop signal right after it is a clean stop too
+        print(f"serving Prometheus metrics on {server.url} (Ctrl-C to stop)", flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`cfi-pipelines metrics` maps it)
         pass
     finally:
         server.close()

@@ -9,6 +9,7 @@ import pytest
 
 from cfi_pipelines.devtools.fake_cfi_api import FakeCfiApi, Faults
 from tests.fixtures.http import API_TOKEN, free_port
+from tests.fixtures.processes import stop_process
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
@@ -109,8 +110,7 @@ def test_command_line_serves_until_stopped(api_source_url):
         )
         assert resp.status_code == 200 and len(resp.json()["items"]) == 10
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def test_trickle_sends_the_body_one_byte_at_a_time(fake_api):

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from cfi_pipelines.db import create_engine
 from cfi_pipelines.model import cfi_common as common
+from tests.fixtures.processes import stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -155,8 +156,7 @@ def test_the_readmes_dagster_commands_land_in_the_projects_instance(tmp_path, cf
         )
         assert mat.returncode == 0, mat.stderr[-3000:]
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        stop_process(server)
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         runs = instance.get_runs()
         assert len(runs) == before + 1

@@ -24,6 +24,7 @@ from cfi_pipelines.ops.metrics import MetricsConfig, start_metrics_server
 from cfi_pipelines.views.refresh import init_common, read_status, refresh_view
 from cfi_pipelines.views.spec import VIEWS
 from tests.fixtures.common import Databases
+from tests.fixtures.processes import stop_process
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -336,8 +337,7 @@ def test_the_command_serves_metrics_until_stopped(refreshed) -> None:
         assert value(m, "cfi_up", db="common") == 1
         assert value(m, "cfi_exports", status="delivered") == 3
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def test_sftp_up_is_always_served_even_with_no_host(sqlite_dbs: Databases, monkeypatch) -> None:
