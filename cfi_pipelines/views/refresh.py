@@ -27,7 +27,9 @@ package imports from here.
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import replace
 from datetime import timedelta
 from typing import Literal
 
@@ -35,6 +37,8 @@ from sqlalchemy.engine import Engine
 
 from cfi_pipelines.clock import utcnow
 from cfi_pipelines.tenancy.roles import sync_after_refresh
+from cfi_pipelines.views.apply import NeedsFullRefresh, apply_view
+from cfi_pipelines.views.capture import Capture, CaptureLost, CaptureUnavailable, capture_for
 from cfi_pipelines.views.incremental import (
     _high_watermark,
     _incremental,
@@ -42,6 +46,7 @@ from cfi_pipelines.views.incremental import (
     upsert_statement,
 )
 from cfi_pipelines.views.load import Loader, _table_exists, source_loader
+from cfi_pipelines.views.positions import forget_positions, read_positions, store_position
 from cfi_pipelines.views.result import (
     DEFAULT_MAX_DROP_SHARE,
     RefreshError,
@@ -68,6 +73,7 @@ __all__ = [
     "DEFAULT_OVERLAP",
     "Loader",
     "Mode",
+    "exact_capture",
     "RefreshError",
     "RefreshRefused",
     "RefreshResult",
@@ -88,6 +94,33 @@ __all__ = [
 
 Mode = Literal["auto", "full", "incremental"]
 DEFAULT_OVERLAP = timedelta(minutes=2)
+log = logging.getLogger(__name__)
+
+
+def exact_capture(source: Engine) -> Capture | None:
+    """The source's capture when it is exact (row changes to apply by key), else None."""
+    capture = capture_for(source)
+    return capture if capture.exact else None
+
+
+def _take_position(spec: ViewSpec, capture: Capture, target: Engine) -> str | None:
+    """Before a full refresh reads the source: make sure the change log exists (a new one
+    voids every stored position) and take the position the view will be at."""
+    try:
+        for line in capture.ensure():
+            log.info("view %s: capture %s: %s", spec.name, capture.mode, line)
+        if capture.restarted:
+            n = forget_positions(target, capture.mode)
+            log.warning(
+                "capture %s: a new change log was started; %d view position(s) forgotten, "
+                "each view gets a full refresh",
+                capture.mode,
+                n,
+            )
+        return capture.position()
+    except (CaptureUnavailable, CaptureLost) as exc:
+        log.warning("view %s: no capture position (%s); full refresh only", spec.name, exc)
+        return None
 
 
 def refresh_view(
@@ -102,7 +135,10 @@ def refresh_view(
 ) -> RefreshResult:
     """Refresh one view of the common DB from CFI's source DB.
 
-    ``auto`` is incremental when the view has a watermark from a previous refresh
+    ``auto``: with an exact capture (:func:`exact_capture`) and a stored position, the
+    changes since it are applied by key (:mod:`cfi_pipelines.views.apply`); a lost change
+    log or a view without position gets a full refresh that records its position. Without
+    an exact capture, incremental when the view has a watermark from a previous refresh
     from the DB, full otherwise. Every outcome is recorded in ``cfi_view_status``
     and ``cfi_refresh_log``; failures are re-raised.
     """
@@ -120,9 +156,35 @@ def refresh_view(
     )
     if effective == "incremental" and not can_increment:
         effective = "full"  # nothing to increment from yet: a first refresh is always full
+    capture = exact_capture(source) if mode != "incremental" else None
+    position = read_positions(target, capture.mode).get(spec.name) if capture else None
+    if mode == "auto" and capture is not None:
+        applies = position is not None and live_exists and status.get("source") == "db"
+        effective = "apply" if applies else "full"
     try:
         closure = _read_closure(source)
         sync_after_refresh(source, target)  # tenants' map and login roles (tenancy.roles)
+        if effective == "apply":
+            assert capture is not None and position is not None
+            try:
+                return apply_view(
+                    spec,
+                    capture,
+                    source,
+                    target,
+                    since=position,
+                    started=started,
+                    closure=closure,
+                    watermark=status.get("watermark"),
+                    last_rows=status.get("rows"),
+                    force=force,
+                    max_drop_share=max_drop_share,
+                )
+            except (CaptureLost, NeedsFullRefresh) as exc:
+                log.warning("view %s: %s; full refresh instead", spec.name, exc)
+                if isinstance(exc, CaptureLost):
+                    forget_positions(target, capture.mode)
+                effective = "full"
         if effective == "incremental":
             return _incremental(
                 spec,
@@ -136,10 +198,11 @@ def refresh_view(
                 max_drop_share=max_drop_share,
                 last_rows=status.get("rows"),
             )
+        taken = _take_position(spec, capture, target) if capture is not None else None
         snapshot_at = utcnow()  # taken before reading: the data is at least this fresh
         watermark = _high_watermark(spec, source)
         loader = source_loader(spec, source, target, incremental=False, params=spec.params())
-        return swap_in(
+        result = swap_in(
             spec,
             target,
             loader,
@@ -151,6 +214,11 @@ def refresh_view(
             closure=closure,
             started=started,
         )
+        if capture is not None and taken is not None:
+            # after the swap: a crash in between leaves an older position (replayed)
+            store_position(target, spec.name, capture.mode, taken)
+            result = replace(result, capture_mode=capture.mode, position=taken)
+        return result
     except BaseException as exc:
         outcome = "refused" if isinstance(exc, RefreshRefused) else "failed"
         record_failure(

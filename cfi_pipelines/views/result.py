@@ -34,7 +34,7 @@ class RefreshRefused(RefreshError):
 @dataclass(frozen=True)
 class RefreshResult:
     view: str
-    mode: str  # full / incremental
+    mode: str  # full / incremental / apply
     source: str  # db / cfi_api
     rows: int  # rows in the view afterwards
     loaded: int  # rows read from the source
@@ -44,6 +44,10 @@ class RefreshResult:
     duration_s: float
     source_snapshot_at: datetime
     watermark: datetime | None
+    capture_mode: str = ""  # how the source's changes were found (views.capture), if known
+    position: str = ""  # the capture position the view's data is at afterwards
+    changes: int = 0  # row changes read from the source's change log (apply)
+    keys: int = 0  # view keys recomputed (apply)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -30,12 +30,16 @@ Keys = Sequence[tuple]
 """View keys (tuples in the order of :attr:`ViewSpec.key`) a keyed query is restricted to."""
 
 
-def key_predicate(columns: Sequence[sa.ColumnElement], keys: Keys) -> sa.ColumnElement:
-    """``columns`` equal to one of ``keys``: an ``IN`` list for one column, an ``OR`` of
-    ``AND``s for a composite key (portable: SQL Server has no row-value ``IN``), each
-    term served by the unique key index."""
+def key_predicate(
+    columns: Sequence[sa.ColumnElement], keys: Keys, dialect: str | None = None
+) -> sa.ColumnElement:
+    """``columns`` equal to one of ``keys``: an ``IN`` list for one column; for a composite
+    key a row-value ``IN`` (PostgreSQL, SQLite), or an ``OR`` of ``AND``s where there is
+    none (SQL Server, or ``dialect`` not given); each served by the unique key index."""
     if len(columns) == 1:
         return columns[0].in_([k[0] for k in keys])
+    if dialect in ("postgresql", "sqlite"):
+        return sa.tuple_(*columns).in_([tuple(k) for k in keys])
     return sa.or_(
         sa.false(), *(sa.and_(*(c == v for c, v in zip(columns, k, strict=True))) for k in keys)
     )
@@ -125,13 +129,14 @@ class ViewSpec:
             *(sub.c[k] for k in self.key), *(sub.c[c] for c in self.aggregate_columns)
         ).order_by(*(sub.c[k] for k in self.key))
 
-    def keyed_query(self, keys: Keys) -> sa.Select:
-        """The view's rows for ``keys`` (tuples in key order), computed on the source.
+    def keyed_query(self, keys: Keys, dialect: str | None = None) -> sa.Select:
+        """The view's rows for ``keys`` (tuples in key order), computed on the source
+        (``dialect``: the source's, for the fastest composite-key predicate).
 
         Cost O(len(keys)): the restriction is applied to the driving table and inside each
         child aggregate, so every table is read through its key or parent-id index. Keep
         ``keys`` to a few hundred per query (bound parameters)."""
-        q = self.build_query(False, keys=list(keys))
+        q = self.build_query(False, keys=list(keys), dialect=dialect)
         names = [c.name for c in q.selected_columns]
         if names != self.columns:
             raise ValueError(f"view {self.name}: keyed query columns {names} != {self.columns}")
@@ -147,7 +152,7 @@ class ViewSpec:
         keys = [(k,) for k in keys]
         full = self.build_query
 
-        def build(incremental: bool, keys_: Keys | None = None) -> sa.Select:
+        def build(incremental: bool, keys_: Keys | None = None, dialect: str | None = None):
             return full(False, keys=keys)
 
         return replace(self, build_query=build)
@@ -174,7 +179,7 @@ def _money(x) -> sa.ColumnElement:
     return sa.func.round(x, 2) + 0
 
 
-def _stocks(incremental: bool, keys: Keys | None = None) -> sa.Select:
+def _stocks(incremental: bool, keys: Keys | None = None, dialect: str | None = None) -> sa.Select:
     sl, p, w = src.stock_levels, src.products, src.warehouses
     q = sa.select(
         sl.c.tenant_id,
@@ -207,11 +212,13 @@ def _stocks(incremental: bool, keys: Keys | None = None) -> sa.Select:
         )
         q = q.where(sl.c.id.in_(changed))
     if keys is not None:
-        q = q.where(key_predicate((sl.c.product_id, sl.c.warehouse_id), keys))
+        q = q.where(key_predicate((sl.c.product_id, sl.c.warehouse_id), keys, dialect))
     return q
 
 
-def _operations(incremental: bool, keys: Keys | None = None) -> sa.Select:
+def _operations(
+    incremental: bool, keys: Keys | None = None, dialect: str | None = None
+) -> sa.Select:
     o, op, c = src.operations, src.operation_products, src.campaigns
     products = (
         _only(
@@ -262,7 +269,7 @@ def _operations(incremental: bool, keys: Keys | None = None) -> sa.Select:
     return _only(q, o.c.id, keys)
 
 
-def _invoices(incremental: bool, keys: Keys | None = None) -> sa.Select:
+def _invoices(incremental: bool, keys: Keys | None = None, dialect: str | None = None) -> sa.Select:
     i, li, pay, cl = src.invoices, src.invoice_lines, src.payments, src.clients
     lines = (
         _only(
@@ -330,7 +337,9 @@ def _invoices(incremental: bool, keys: Keys | None = None) -> sa.Select:
     return _only(q, i.c.id, keys)
 
 
-def _campaigns(incremental: bool, keys: Keys | None = None) -> sa.Select:
+def _campaigns(
+    incremental: bool, keys: Keys | None = None, dialect: str | None = None
+) -> sa.Select:
     c, ch, o, t, r = (
         src.campaigns,
         src.channels,

@@ -151,6 +151,9 @@ class Capture(ABC):
     mode: ClassVar[str] = ""
     exact: ClassVar[bool] = False
     guarantee: ClassVar[str] = ""
+    restarted: bool = False
+    """Set by :meth:`ensure` when it (re)created the change log (a new slot): every stored
+    position of this mode is then meaningless, and the caller forgets them."""
 
     def __init__(self, engine: sa.Engine, tables: Sequence[sa.Table], *, why: str = "") -> None:
         self.engine = engine

@@ -121,6 +121,7 @@ class PgLogicalCapture(Capture):
             except sa.exc.DBAPIError as exc:
                 if _sqlstate(exc) != _OBJECT_IN_USE or attempt == BUSY_RETRIES - 1:
                     raise
+                log.info("slot %s busy (attempt %d): %s", self.slot, attempt + 1, exc.orig)
                 time.sleep(BUSY_PAUSE_S)
         raise AssertionError("unreachable")
 
@@ -145,7 +146,7 @@ class PgLogicalCapture(Capture):
             "s AS (SELECT confirmed_flush_lsn, wal_status FROM pg_replication_slots "
             "WHERE slot_name = :slot AND database = current_database()) "
             "SELECT w.now::text AS now, s.confirmed_flush_lsn::text AS confirmed, s.wal_status, "
-            "CASE WHEN s.wal_status IS DISTINCT FROM 'lost' THEN (SELECT array_agg(c.data) "
+            "CASE WHEN s.wal_status <> 'lost' THEN (SELECT array_agg(c.data) "
             "FROM pg_logical_slot_peek_binary_changes(:slot, w.now, :n, 'proto_version', '1', "
             "'publication_names', :pub) c) END AS data "
             "FROM w LEFT JOIN s ON true"
@@ -264,6 +265,7 @@ class PgLogicalCapture(Capture):
         Returns what it did, one line each; raises :class:`CaptureUnavailable` when the
         publication is missing and this account may not create it."""
         done: list[str] = []
+        self.restarted = False
         names = sorted(self._by_name)
         with self._autocommit() as conn:
             if problem := logical_decoding_problem(conn):
@@ -307,6 +309,7 @@ class PgLogicalCapture(Capture):
                     {"s": self.slot},
                 )
                 done.append(f"created logical replication slot {self.slot} (pgoutput)")
+                self.restarted = True
             partial = conn.execute(
                 sa.text(
                     "SELECT c.relname FROM pg_class c WHERE c.relname = ANY(:names) "

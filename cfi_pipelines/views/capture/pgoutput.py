@@ -63,14 +63,17 @@ class Transaction:
     changes: list[Change] = field(default_factory=list)
 
 
+_STRUCTS: dict[str, struct.Struct] = {}
+
+
 class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data, self.pos = data, 0
 
     def take(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        (value,) = struct.unpack_from(fmt, self.data, self.pos)
-        self.pos += size
+        st = _STRUCTS.get(fmt) or _STRUCTS.setdefault(fmt, struct.Struct(fmt))
+        (value,) = st.unpack_from(self.data, self.pos)
+        self.pos += st.size
         return value
 
     def string(self) -> str:
@@ -82,17 +85,20 @@ class _Reader:
     def tuple(self, rel: Relation) -> Tuple:
         n = self.take("!h")
         values: dict[str, str | None] = {}
+        data, pos = self.data, self.pos
         for i in range(n):
-            kind = self.take("!c")
-            name = rel.columns[i]
+            kind = data[pos : pos + 1]
+            pos += 1
             if kind == b"n":
-                values[name] = None
+                values[rel.columns[i]] = None
             elif kind == b"u":  # unchanged TOAST value: not sent
                 continue
             else:  # b"t" text (b"b" binary is only sent when asked for)
-                length = self.take("!i")
-                values[name] = self.data[self.pos : self.pos + length].decode()
-                self.pos += length
+                length = int.from_bytes(data[pos : pos + 4], "big", signed=True)
+                pos += 4
+                values[rel.columns[i]] = data[pos : pos + length].decode()
+                pos += length
+        self.pos = pos
         return Tuple(values)
 
 
@@ -168,10 +174,16 @@ def _converter(column: sa.Column):
     return str
 
 
+_CONVERTERS: dict[tuple[str, str], Any] = {}
+
+
 def typed(table: sa.Table, values: dict[str, str | None]) -> dict[str, Any]:
     """Column text → the Python types of ``table``'s columns (unknown columns kept as text)."""
     out: dict[str, Any] = {}
     for name, text in values.items():
-        col = table.c.get(name)
-        out[name] = None if text is None or col is None else _converter(col)(text)
+        fn = _CONVERTERS.get((table.name, name))
+        if fn is None:
+            col = table.c.get(name)
+            fn = _CONVERTERS.setdefault((table.name, name), str if col is None else _converter(col))
+        out[name] = None if text is None else fn(text)
     return out

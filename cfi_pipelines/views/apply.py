@@ -1,0 +1,266 @@
+"""Apply by key: the source's exact row changes → the view rows they affect → recomputed by key.
+
+For an exact capture mode (:mod:`cfi_pipelines.views.capture`: PostgreSQL logical decoding,
+SQL Server Change Tracking), a view with a stored position is kept equal to its defining
+query without re-reading its tables:
+
+1. the row changes after the view's position (:meth:`Capture.changes`, O(changes));
+2. the view keys they affect (:func:`affected_keys`), through the view's declared
+   :attr:`~cfi_pipelines.views.spec.ViewSpec.dependencies`: the driving table names its
+   key, a child names its parent in the new *and the old* row (a line moved to another
+   invoice, or deleted, recomputes both invoices), a dimension row (a product whose price
+   changed) is looked up on the source through an index (its stock rows);
+3. those keys recomputed on the source with the view's own query restricted to them
+   (:meth:`~cfi_pipelines.views.spec.ViewSpec.keyed_query`: key and parent-id indexes);
+4. in one short write transaction on the common DB: the affected keys deleted, the
+   recomputed rows inserted (so a key the source no longer returns is gone), the status,
+   the history and the new position. Replaying the same changes gives the same cache
+   (the rows come from the source, not from the changes): idempotent after a crash.
+
+Only after that commit may the capture forget the changes (:meth:`Capture.release`, to
+the minimum position of every view). When a change does not carry what its dependency
+needs (a delete with only the primary key of a table whose rows name their parent), the
+view falls back to the aggregate and delete reconciliation for that batch, said in the
+log. A truncate needs a full refresh (:class:`NeedsFullRefresh`).
+
+Cost: O(changes + affected keys) reads on both sides; the fallback is O(table).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from cfi_pipelines.clock import utcnow
+from cfi_pipelines.db import insert_rows
+from cfi_pipelines.views.capture.base import Capture, ChangeSet, RowChange
+from cfi_pipelines.views.incremental import stale_keys
+from cfi_pipelines.views.load import _begin, _count
+from cfi_pipelines.views.positions import read_positions, write_position
+from cfi_pipelines.views.reconcile import deleted_keys
+from cfi_pipelines.views.result import DEFAULT_MAX_DROP_SHARE, RefreshRefused, RefreshResult
+from cfi_pipelines.views.spec import Dependency, ViewSpec, key_predicate
+from cfi_pipelines.views.status import _record_success, _write_closure
+
+log = logging.getLogger(__name__)
+
+KEYS_PER_QUERY = 400
+"""View keys per keyed query or lookup (bound parameters: SQL Server allows 2,100)."""
+
+
+class NeedsFullRefresh(Exception):
+    """The changes cannot be applied by key (a followed table was truncated)."""
+
+
+def _values(image: dict | None, dep: Dependency) -> tuple | None:
+    """The dependency's columns from a row image; None when the image lacks one."""
+    if image is None or any(c not in image for c in dep.columns):
+        return None
+    return tuple(image[c] for c in dep.columns)
+
+
+def affected_keys(
+    spec: ViewSpec, changes: Iterable[RowChange], source: sa.Connection
+) -> tuple[set[tuple], list[str]]:
+    """The view keys ``changes`` affect, and why a reconciliation is needed (empty: none).
+
+    O(changes): dimension lookups go through the source's indexes, a few hundred values
+    per query."""
+    keys: set[tuple] = set()
+    lookups: dict[str, set] = {}
+    gaps: dict[str, str] = {}
+    for ch in changes:
+        dep = spec.dependency(ch.table)
+        if dep is None:
+            continue
+        if ch.op == "T":
+            raise NeedsFullRefresh(f"{ch.table} was truncated")
+        images = [ch.new] if ch.op == "I" else [ch.new, ch.old] if ch.op == "U" else [ch.old]
+        for image in images:
+            vals = _values(image, dep)
+            if vals is None:
+                gaps[ch.table] = (
+                    f"{ch.table}: {ch.op} without the old row's {', '.join(dep.columns)} "
+                    "(REPLICA IDENTITY not FULL, or a key-only change log)"
+                )
+                continue
+            if any(v is None for v in vals):
+                continue  # e.g. a campaign without operation: no operation row to recompute
+            if dep.lookup is None:
+                keys.add(vals)
+            else:
+                lookups.setdefault(dep.table.name, set()).add(vals[0])
+    for table, values in lookups.items():
+        dep = spec.dependency(table)
+        assert dep is not None and dep.lookup is not None
+        ordered = sorted(values)
+        for i in range(0, len(ordered), KEYS_PER_QUERY):
+            chunk = ordered[i : i + KEYS_PER_QUERY]
+            keys.update(tuple(r) for r in source.execute(dep.lookup, {"values": chunk}))
+    return keys, list(gaps.values())
+
+
+def recompute(spec: ViewSpec, keys: Sequence[tuple], source: sa.Connection) -> list[tuple]:
+    """The view rows of ``keys`` computed on the source (missing keys: gone). O(len(keys))."""
+    params = spec.params()
+    rows: list[tuple] = []
+    ordered = sorted(keys)
+    for i in range(0, len(ordered), KEYS_PER_QUERY):
+        q = spec.keyed_query(ordered[i : i + KEYS_PER_QUERY], source.dialect.name)
+        rows.extend(tuple(r) for r in source.execute(q, params))
+    return rows
+
+
+def _existing(conn: sa.Connection, spec: ViewSpec, keys: Sequence[tuple]) -> set[tuple]:
+    """The ``keys`` the cache holds (unique key index)."""
+    cols = [spec.table.c[k] for k in spec.key]
+    out: set[tuple] = set()
+    for i in range(0, len(keys), KEYS_PER_QUERY):
+        where = key_predicate(cols, keys[i : i + KEYS_PER_QUERY], conn.dialect.name)
+        out.update(tuple(r) for r in conn.execute(sa.select(*cols).where(where)))
+    return out
+
+
+def _delete(conn: sa.Connection, spec: ViewSpec, keys: Sequence[tuple]) -> None:
+    cols = [spec.table.c[k] for k in spec.key]
+    for i in range(0, len(keys), KEYS_PER_QUERY):
+        where = key_predicate(cols, keys[i : i + KEYS_PER_QUERY], conn.dialect.name)
+        conn.execute(sa.delete(spec.table).where(where))
+
+
+def apply_batch(
+    spec: ViewSpec,
+    capture: Capture,
+    batch: ChangeSet,
+    source: Engine,
+    target: Engine,
+    *,
+    snapshot_at: datetime,
+    started: float,
+    closure: list[tuple[int, int, int]],
+    watermark: datetime | None,
+    last_rows: int | None,
+    force: bool = False,
+    max_drop_share: float = DEFAULT_MAX_DROP_SHARE,
+) -> RefreshResult:
+    """Apply one :class:`ChangeSet` to ``spec``'s view and record ``batch.upto`` with it,
+    in one write transaction (see the module docstring)."""
+    with source.connect() as sconn:
+        keys, gaps = affected_keys(spec, batch.changes, sconn)
+    if gaps:
+        log.warning(
+            "view %s: %s; reconciling the view's aggregates and deleted keys (O(table))",
+            spec.name,
+            "; ".join(gaps),
+        )
+        keys |= {(k,) for k in stale_keys(spec, source, target)}
+        keys |= {tuple(k) for k in deleted_keys(spec, source, target)}
+    ordered = sorted(keys)
+    with source.connect() as sconn:
+        rows = recompute(spec, ordered, sconn)
+    key_index = [spec.columns.index(k) for k in spec.key]
+    returned = {tuple(r[i] for i in key_index) for r in rows}
+    with _begin(target) as conn:
+        existing = _existing(conn, spec, ordered) if ordered else set()
+        gone = existing - returned
+        count = _count(conn, spec.table) if last_rows is None else last_rows
+        if gone and not force and len(gone) > max_drop_share * max(count, 1):
+            raise RefreshRefused(spec.name, count - len(gone), count, max_drop_share)
+        _delete(conn, spec, sorted(existing))
+        insert_rows(conn, spec.table, rows, spec.columns)
+        _write_closure(conn, closure)
+        inserted = len(returned - existing)
+        result = RefreshResult(
+            view=spec.name,
+            mode="apply",
+            source="db",
+            rows=count + inserted - len(gone),
+            loaded=len(rows),
+            inserted=inserted,
+            updated=len(returned & existing),
+            deleted=len(gone),
+            duration_s=time.perf_counter() - started,
+            source_snapshot_at=snapshot_at,
+            watermark=watermark,
+            capture_mode=capture.mode,
+            position=batch.upto,
+            changes=len(batch.changes),
+            keys=len(ordered),
+        )
+        _record_success(conn, result, utcnow())
+        write_position(conn, spec.name, capture.mode, batch.upto)
+    return result
+
+
+def apply_view(
+    spec: ViewSpec,
+    capture: Capture,
+    source: Engine,
+    target: Engine,
+    *,
+    since: str,
+    started: float,
+    closure: list[tuple[int, int, int]],
+    watermark: datetime | None,
+    last_rows: int | None,
+    force: bool = False,
+    max_drop_share: float = DEFAULT_MAX_DROP_SHARE,
+) -> RefreshResult:
+    """Bring ``spec``'s view from ``since`` to the source's current position, batch by
+    batch, then let the capture release what every view has applied.
+
+    Raises :class:`~cfi_pipelines.views.capture.base.CaptureLost` (the caller does a full
+    refresh) and :class:`NeedsFullRefresh`."""
+    total: RefreshResult | None = None
+    while True:
+        snapshot_at = utcnow()  # before the changes are read: the data is at least this fresh
+        batch = capture.changes(since)
+        r = apply_batch(
+            spec,
+            capture,
+            batch,
+            source,
+            target,
+            snapshot_at=snapshot_at,
+            started=started,
+            closure=closure,
+            watermark=watermark,
+            last_rows=last_rows if total is None else total.rows,
+            force=force,
+            max_drop_share=max_drop_share,
+        )
+        total = r if total is None else _sum(total, r)
+        since = batch.upto
+        if not batch.more:
+            break
+    capture.release(read_positions(target, capture.mode).values())
+    log.info(
+        "view %s: applied %d change(s) → %d key(s) (%d inserted, %d updated, %d deleted) up to %s",
+        spec.name,
+        total.changes,
+        total.keys,
+        total.inserted,
+        total.updated,
+        total.deleted,
+        total.position,
+    )
+    return total
+
+
+def _sum(a: RefreshResult, b: RefreshResult) -> RefreshResult:
+    from dataclasses import replace
+
+    return replace(
+        b,
+        loaded=a.loaded + b.loaded,
+        inserted=a.inserted + b.inserted,
+        updated=a.updated + b.updated,
+        deleted=a.deleted + b.deleted,
+        changes=a.changes + b.changes,
+        keys=a.keys + b.keys,
+    )
