@@ -302,7 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="cfi-pipelines")
     except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+        if isinstance(exc.code, str):  # sys.exit("message"): say it, as Python itself would
+            print(exc.code, file=sys.stderr)
+            return 1
+        return int(exc.code or 0)
     return 0
 
 

@@ -19,7 +19,6 @@ Exit code 0 only if everything that should have worked did:
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import time
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from cfi_pipelines.definitions import build_defs
 from cfi_pipelines.devtools.fake_cfi_api import FakeCfiApi
 from cfi_pipelines.devtools.seed import seed_all, source_is_seeded
 from cfi_pipelines.devtools.seed_mycfia import INVALID_KINDS
-from cfi_pipelines.devtools.sftp_server import DevSFTPServer
+from cfi_pipelines.devtools.sftp_server import start_dev_server
 from cfi_pipelines.model import mycfia
 from cfi_pipelines.ops.instance import local_instance
 from cfi_pipelines.ops.runs import QUIET_LOGS, materializations, run_refresh, step_failures
@@ -148,15 +147,7 @@ def embedded_sftp() -> Iterator[object | None]:
     if not s.local:
         yield None
         return
-    try:
-        server = DevSFTPServer(port=s.dev_sftp_port)
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        raise SystemExit(
-            f"demo: port {s.dev_sftp_port} is in use (is `cfi-pipelines dev` running?); the embedded "
-            "SFTP server cannot start. Stop it, or set CFI_SFTP_PORT to a free port."
-        ) from None
+    server = start_dev_server(s.dev_sftp_port)  # a taken port: one line naming CFI_SFTP_PORT
     try:
         yield server
     finally:

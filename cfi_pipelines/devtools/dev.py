@@ -30,9 +30,9 @@ from types import FrameType
 from cfi_pipelines.devtools.fake_cfi_api import DEFAULT_PORT as DEFAULT_API_PORT
 from cfi_pipelines.devtools.fake_cfi_api import FakeCfiApi
 from cfi_pipelines.devtools.seed import seed_all, source_is_seeded
-from cfi_pipelines.devtools.sftp_server import DevSFTPServer
+from cfi_pipelines.devtools.sftp_server import start_dev_server
 from cfi_pipelines.ops.instance import ensure_dagster_home
-from cfi_pipelines.settings import child_environment, get_settings
+from cfi_pipelines.settings import ConfigError, child_environment, get_settings
 
 DEFAULT_UI_PORT = 3000
 READY_TIMEOUT_S = 180.0
@@ -119,15 +119,7 @@ def embedded_servers(env: dict[str, str], api_port: int) -> Iterator[list[str]]:
     with contextlib.ExitStack() as stack:
         if s.local:
             port = s.dev_sftp_port
-            try:
-                sftp = DevSFTPServer(port=port)
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                raise SystemExit(
-                    f"cfi-pipelines dev: port {port} is in use, the embedded SFTP server cannot "
-                    "start; set CFI_SFTP_PORT to a free port (or stop what listens there)."
-                ) from None
+            sftp = start_dev_server(port)  # a taken port: one line naming CFI_SFTP_PORT
             stack.callback(sftp.stop)
             env["CFI_SFTP_PORT"] = str(sftp.port)
             lines.append(f"embedded SFTP server  127.0.0.1:{sftp.port}  (root {sftp.paths.root})")
@@ -139,8 +131,13 @@ def embedded_servers(env: dict[str, str], api_port: int) -> Iterator[list[str]]:
             try:
                 api = FakeCfiApi(s.source_url, token=token, port=api_port)
             except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or api_port != DEFAULT_API_PORT:
+                if exc.errno != errno.EADDRINUSE:
                     raise
+                if api_port != DEFAULT_API_PORT:
+                    raise ConfigError(
+                        f"port {api_port} on 127.0.0.1 is taken: the fake CFI API cannot start; "
+                        "pass another --api-port (0: any free port)"
+                    ) from None
                 api = FakeCfiApi(s.source_url, token=token, port=0)  # the default is taken
             stack.enter_context(api)
             env["CFI_API_URL"], env["CFI_API_TOKEN"] = api.url, token

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from cfi_pipelines.resources.sftp import SFTPResource
-from cfi_pipelines.settings import DEV_SFTP_PORT, DEV_SFTP_USER, get_settings
+from cfi_pipelines.settings import DEV_SFTP_PORT, DEV_SFTP_USER, ConfigError, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +263,25 @@ class DevSFTPServer:
         self._thread.join(timeout=5)
 
 
+def start_dev_server(port: int, *, port_option: bool = False) -> DevSFTPServer:
+    """The dev server on ``port``; a taken port is a :class:`ConfigError` naming it and
+    ``CFI_SFTP_PORT`` (and ``--port`` when the command has one), never a traceback."""
+    try:
+        return DevSFTPServer(port=port)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise ConfigError(
+            f"port {port} on 127.0.0.1 is taken (a `cfi-pipelines dev`, `demo` or `sftp-server` "
+            "still running, or another SSH server?): the embedded SFTP server cannot start. "
+            "Stop what listens there, or set CFI_SFTP_PORT to a free port"
+            + (" (or pass --port P)" if port_option else "")
+        ) from None
+
+
 def serve(port: int | None = None) -> int:
     """``cfi-pipelines sftp-server [--port P]``: run the dev server until Ctrl-C."""
-    server = DevSFTPServer(port=port or dev_port())
+    server = start_dev_server(port or dev_port(), port_option=True)
     try:  # entered before the banner: a stop signal right after it is a clean stop too
         print(
             f"dev SFTP server on 127.0.0.1:{server.port}, user {DEV_USER!r}, "

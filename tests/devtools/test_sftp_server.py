@@ -61,3 +61,33 @@ def test_wrong_key_and_wrong_host_key_refused(server, tmp_path):
     (tmp_path / "kh").write_text("")
     with pytest.raises(HostKeyError):
         server.resource().model_copy(update={"known_hosts": str(tmp_path / "kh")}).open()
+
+
+@pytest.mark.parametrize("command", [["sftp-server"], ["demo"], ["dev", "--api-port", "0"]])
+def test_a_taken_port_is_named_with_its_variable(tmp_path, command):
+    """Issue 16 item 10: `demo` exited 1 without a word when its SFTP port was taken."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # another dev server, say
+        port = taken.getsockname()[1]
+        env = {**os.environ, "CFI_SFTP_PORT": str(port), "CFI_AUTOMATION": "off"}
+        proc = subprocess.run(
+            [str(Path(sys.executable).with_name("cfi-pipelines")), *command],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"port {port}" in last and "CFI_SFTP_PORT" in last, (
+        proc.stdout[-2000:] + proc.stderr[-2000:]
+    )
+    assert "Traceback" not in proc.stderr
+    if command == ["sftp-server"]:
+        assert "--port" in last
