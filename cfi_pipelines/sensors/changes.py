@@ -1,27 +1,28 @@
 """The change sensor: refresh a view when CFI's source changed, and only then.
 
-Every 20 s it probes the signature of each source table the views follow
-(:mod:`cfi_pipelines.views.probe`: ``max(updated_at)`` and ``count(*)``, one cheap
-query each, under the same deadline as the lag sensor) and reads
-``cfi_view_status``. Then, in one tick:
+Every 10 s it asks the source's change capture (:mod:`cfi_pipelines.views.capture`,
+chosen per engine: PostgreSQL logical decoding or its counter gate, SQL Server Change
+Tracking, SQLite's data_version, else the ``updated_at`` signatures) one cheap **gate**
+question — "did anything the views follow change?" — under the same deadline as the lag
+sensor, and reads ``cfi_view_status`` and the views' capture positions. Then, in one tick:
 
-- a table whose signature moved is *observed* (``AssetObservation`` on
-  ``cfi_source/<table>``: the UI shows when the source last changed);
-- the views whose tables changed after their data was read get **one**
-  ``refresh_views`` run (incremental; it also reconciles deleted keys), unless a
-  refresh or fallback of that view is already queued or running; a view whose
-  last refreshes failed is retried with a backoff (40 s, 80 s … up to 15 min);
-- every other view is *verified current*: its ``source_snapshot_at`` moves to the
-  probe's time (the source did not change since its data was read, so the data
-  is as of now), and a ``verified`` line goes to ``cfi_refresh_log`` once a
-  minute for the KPIs. A quiet source never makes a fresh view look stale, and
-  no run is launched;
+- a source table the gate names as changed is *observed* (``AssetObservation`` on
+  ``cfi_source/<table>``, with the capture mode and the latest change);
+- the views that have changes to take get **one** ``refresh_views`` run (``auto``:
+  applied by key from the change log when the capture is exact, incremental by
+  ``updated_at`` otherwise), unless a refresh or fallback of that view is already queued
+  or running; a view whose last refreshes failed is retried with a backoff (40 s, 80 s …
+  up to 15 min);
+- every other view is *verified current as far as the capture can know*: its
+  ``source_snapshot_at`` moves to the gate's time and a ``verified`` line goes to
+  ``cfi_refresh_log`` once a minute. With an exact capture that means "no change in the
+  change log"; otherwise only what the mode proves (e.g. "no change by updated_at"),
+  which the tick's message says;
 - the freshness check of each view is evaluated from that status and reported
-  (``AssetCheckEvaluation``) when its result changes, and every 10 min: the UI
-  always shows the latest result, without a run per minute.
+  (``AssetCheckEvaluation``) when its result changes, and every 10 min.
 
-If CFI's source DB or the common DB does not answer, the tick does nothing: the
-lag sensor (60 s) owns those cases (fallback to the CFI API, alerts).
+If CFI's source DB or the common DB does not answer, the tick does nothing: the lag
+sensor (60 s) owns those cases (fallback to the CFI API, alerts).
 """
 
 from __future__ import annotations
@@ -48,27 +49,35 @@ from cfi_pipelines.model import cfi_common as common
 from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.sensors.lag import probe_all, view_run_in_flight
 from cfi_pipelines.settings import INCIDENT_WINDOW, default_sensor_status
+from cfi_pipelines.views.capture import Capture, Gate, capture_for
 from cfi_pipelines.views.freshness import freshness_state, view_age
-from cfi_pipelines.views.probe import Signature, judge_views, probe_signatures
+from cfi_pipelines.views.positions import read_modes
+from cfi_pipelines.views.probe import judge_views, view_source_tables
 from cfi_pipelines.views.refresh import read_status
 from cfi_pipelines.views.spec import VIEWS
 
 SENSOR_NAME = "view_change_sensor"
-INTERVAL_S = 20
+INTERVAL_S = 10
 VERIFIED_LOG_EVERY = timedelta(seconds=60)
 CHECK_HEARTBEAT = timedelta(minutes=10)
 RETRY_BASE = timedelta(seconds=40)
 TAG_TRIGGER = "cfi/trigger"
+EXACT_FROM = "0/0"
+"""``since`` of an exact gate: every change still pending in the log counts (each view
+is then judged against its own position)."""
 
 
 @dataclass
 class ChangeCursor:
-    """Per table: its last signature and when this sensor first saw it; per view: the
-    freshness state last reported and when a ``verified`` line was last logged."""
+    """The last gate position; per table: when this sensor saw it change and its latest
+    change (position or signature); per view: the freshness state last reported and when
+    a ``verified`` line was last logged."""
 
-    tables: dict[str, list] = field(default_factory=dict)  # name -> [max_updated_at, rows, seen]
+    tables: dict[str, list] = field(default_factory=dict)  # name -> [latest, seen_at iso]
     checks: dict[str, list] = field(default_factory=dict)  # view -> [state, reported_at]
     logged: dict[str, str] = field(default_factory=dict)  # view -> verified logged at
+    position: str | None = None  # the gate's last position (non-exact modes)
+    mode: str = ""  # the capture mode that made ``position``
 
     @classmethod
     def parse(cls, text: str | None) -> ChangeCursor:
@@ -76,48 +85,80 @@ class ChangeCursor:
             return cls()
         try:
             data = json.loads(text)
-            return cls(dict(data["tables"]), dict(data["checks"]), dict(data["logged"]))
+            tables = {
+                k: v for k, v in dict(data["tables"]).items() if isinstance(v, list) and len(v) == 2
+            }
+            return cls(
+                tables,
+                dict(data["checks"]),
+                dict(data["logged"]),
+                data.get("position"),
+                data.get("mode") or "",
+            )
         except (ValueError, TypeError, KeyError):  # unreadable: start afresh, never crash
             return cls()
 
     def dump(self) -> str:
         return json.dumps(
-            {"tables": self.tables, "checks": self.checks, "logged": self.logged}, sort_keys=True
+            {
+                "tables": self.tables,
+                "checks": self.checks,
+                "logged": self.logged,
+                "position": self.position,
+                "mode": self.mode,
+            },
+            sort_keys=True,
         )
 
     def seen_at(self) -> dict[str, datetime]:
-        return {name: datetime.fromisoformat(v[2]) for name, v in self.tables.items()}
+        return {name: datetime.fromisoformat(v[1]) for name, v in self.tables.items()}
 
 
-def _first_seen(sig: Signature, now: datetime) -> datetime:
-    """A table seen for the first time changed no later than its newest ``updated_at``."""
-    if sig.max_updated_at is None:
+def _first_seen(latest: list | None, now: datetime) -> datetime:
+    """A table seen for the first time changed no later than its newest ``updated_at``
+    (when the capture's position carries it), else now."""
+    if not latest or latest[0] is None:
         return now
     try:
-        return min(now, datetime.fromisoformat(sig.max_updated_at.replace("Z", "")))
+        return min(now, datetime.fromisoformat(str(latest[0]).replace("Z", "")))
     except ValueError:
         return now
 
 
-def observe(cursor: ChangeCursor, sigs: dict[str, Signature], now: datetime) -> list:
-    """Update the cursor's signatures; an ``AssetObservation`` per table that changed."""
+def _signature_of(gate: Gate, table: str) -> list | None:
+    """The ``[max(updated_at), rows]`` the timestamp-family positions carry, if any."""
+    try:
+        sig = json.loads(gate.position).get("sig", {}).get(table)
+    except (ValueError, AttributeError):
+        return None
+    return sig if isinstance(sig, list) else None
+
+
+def observe(cursor: ChangeCursor, capture: Capture, gate: Gate, now: datetime, fresh: bool) -> list:
+    """Record the tables the gate names as changed (all of them on a fresh cursor); an
+    ``AssetObservation`` per table with the capture mode and its latest change."""
     events = []
-    for name, sig in sigs.items():
+    tables = capture.table_names if fresh else sorted(gate.suspects(capture.table_names))
+    for name in tables:
+        sig = _signature_of(gate, name)
+        latest = (gate.latest or {}).get(name) or (json.dumps(sig) if sig else gate.position)
         prev = cursor.tables.get(name)
-        if prev is not None and prev[:2] == sig.as_list():
+        if prev is not None and prev[0] == latest:
             continue
-        seen = now if prev is not None else _first_seen(sig, now)
-        cursor.tables[name] = [*sig.as_list(), seen.isoformat()]
-        events.append(
-            dg.AssetObservation(
-                asset_key=source_key(name),
-                metadata={
-                    "max_updated_at": sig.max_updated_at or "",
-                    "rows": dg.MetadataValue.int(sig.rows),
-                    "change_seen_at": iso_z(seen) or "",
-                },
-            )
-        )
+        seen = now if prev is not None or not fresh else _first_seen(sig, now)
+        if fresh and prev is None and gate.changed and name in (gate.tables or ()):
+            seen = now
+        cursor.tables[name] = [latest, seen.isoformat()]
+        metadata = {
+            "capture_mode": capture.mode,
+            "latest_change": (gate.latest or {}).get(name) or "",
+            "change_seen_at": iso_z(seen) or "",
+            "capture_note": gate.note,
+        }
+        if sig:
+            metadata["max_updated_at"] = sig[0] or ""
+            metadata["rows"] = dg.MetadataValue.int(int(sig[1]))
+        events.append(dg.AssetObservation(asset_key=source_key(name), metadata=metadata))
     return events
 
 
@@ -161,16 +202,46 @@ def mark_verified(
     return moved
 
 
+def _gate(engine: sa.Engine, cursor: ChangeCursor) -> tuple[Capture, Gate]:
+    capture = capture_for(engine)
+    if capture.exact:
+        return capture, capture.gate(EXACT_FROM)
+    since = cursor.position if cursor.mode == capture.mode else None
+    return capture, capture.gate(since)
+
+
+def _common_state(engine: sa.Engine) -> tuple[dict, dict]:
+    return read_status(engine), read_modes(engine)
+
+
+def _exact_needs(capture: Capture, gate: Gate, positions: dict[str, tuple[str, str]]) -> dict:
+    """Per view that has changes to apply (exact capture): why."""
+    needs = {}
+    latest = gate.latest or {}
+    for spec in VIEWS:
+        mode, pos = positions.get(spec.name, ("", ""))
+        if mode != capture.mode:
+            needs[spec.name] = "no capture position yet: full refresh"
+        elif gate.changed and gate.tables is None:
+            needs[spec.name] = gate.note
+        elif any(
+            t.name in latest and capture.sort_key(latest[t.name]) > capture.sort_key(pos)
+            for t in view_source_tables(spec)
+        ):
+            needs[spec.name] = "changes in the change log"
+    return needs
+
+
 def change_tick(
     context: dg.SensorEvaluationContext, cfi_source: DatabaseResource, cfi_common: DatabaseResource
 ) -> dg.SensorResult:
     """One tick (see the module docstring)."""
     cursor = ChangeCursor.parse(context.cursor)
-    probed_at = utcnow()  # the source is at least this fresh when its signatures answer
+    probed_at = utcnow()  # the source is at least this fresh when its gate answers
     probes = probe_all(
         {
-            "source": lambda: _signatures(cfi_source.engine()),
-            "common": lambda: read_status(cfi_common.engine()),
+            "source": lambda: _gate(cfi_source.engine(), cursor),
+            "common": lambda: _common_state(cfi_common.engine()),
         }
     )
     src, com = probes["source"], probes["common"]
@@ -181,21 +252,37 @@ def change_tick(
             "the lag sensor handles it",
             cursor=cursor.dump(),
         )
-    events: list = observe(cursor, src.value, probed_at)
-    statuses: dict[str, dict] = com.value
-    verdicts = judge_views(cursor.seen_at(), statuses)
+    capture, gate = src.value
+    statuses, positions = com.value
+    fresh = not cursor.tables if capture.exact else cursor.mode != capture.mode
+    events: list = observe(cursor, capture, gate, probed_at, fresh)
+    cursor.position, cursor.mode = gate.position, capture.mode
+    if gate.busy:
+        events += _check_events(cursor, statuses, probed_at)
+        return dg.SensorResult(
+            asset_events=events,
+            cursor=cursor.dump(),
+            skip_reason=f"{capture.mode}: {gate.note}; judged next tick",
+        )
+    if capture.exact:
+        needs = _exact_needs(capture, gate, positions)
+        verdicts = [(v.name, v.name in needs) for v in VIEWS]
+        knows = "no change in the change log"
+    else:
+        verdicts = [(v.view, v.needs_refresh) for v in judge_views(cursor.seen_at(), statuses)]
+        knows = capture.guarantee
     refresh, verified, notes = [], [], []
-    for v in verdicts:
-        row = statuses.get(v.view) or {}
-        if running := view_run_in_flight(context.instance, v.view):
-            notes.append(f"{v.view}: run {running[:8]} in flight")
-        elif v.needs_refresh or row.get("source") not in (None, "db"):
+    for view, needs_refresh in verdicts:
+        row = statuses.get(view) or {}
+        if running := view_run_in_flight(context.instance, view):
+            notes.append(f"{view}: run {running[:8]} in flight")
+        elif needs_refresh or row.get("source") not in (None, "db"):
             if _backing_off(row, probed_at):
-                notes.append(f"{v.view}: last refresh failed, backing off")
+                notes.append(f"{view}: last refresh failed, backing off")
             else:
-                refresh.append(v.view)
+                refresh.append(view)
         else:
-            verified.append(v.view)
+            verified.append(view)
     if verified:
         log = {
             v
@@ -230,20 +317,15 @@ def change_tick(
                 tags={TAG_TRIGGER: "source_change", "cfi/views": ",".join(refresh)},
             )
         )
-        notes.append(f"refresh {', '.join(refresh)}: their source changed")
+        notes.append(f"refresh {', '.join(refresh)}: their source changed ({capture.mode})")
     if verified:
-        notes.append(f"verified current: {', '.join(verified)}")
+        notes.append(f"verified current ({capture.mode}: {knows}): {', '.join(verified)}")
     return dg.SensorResult(
         run_requests=requests,
         asset_events=events,
         cursor=cursor.dump(),
         skip_reason=None if requests else "; ".join(notes) or "nothing to do",
     )
-
-
-def _signatures(engine: sa.Engine) -> dict[str, Signature]:
-    with engine.connect() as conn:
-        return probe_signatures(conn)
 
 
 def _check_events(cursor: ChangeCursor, statuses: dict, now: datetime) -> list:
@@ -281,9 +363,11 @@ def build_view_change_sensor(minimum_interval_seconds: int = INTERVAL_S) -> dg.S
         jobs=[refresh_views_job],
         default_status=default_sensor_status(),
         description=(
-            "Every 20 s: probes CFI's source tables (max(updated_at), count); refreshes the views "
-            "whose source changed, verifies the others current (no run), observes the source "
-            "tables and reports each view's freshness check when it changes."
+            "Every 10 s: one gate query on CFI's source change capture (logical decoding, change "
+            "tracking, counters or data_version, per engine); refreshes the views whose source "
+            "changed (applied by key when the capture is exact), verifies the others current as "
+            "far as the capture knows (no run), observes the changed source tables and reports "
+            "each view's freshness check when it changes."
         ),
     )
     def view_change_sensor(

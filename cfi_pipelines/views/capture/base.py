@@ -109,6 +109,8 @@ class Gate:
     changed: bool
     tables: frozenset[str] | None = None
     note: str = ""
+    busy: bool = False
+    """The change log is being read by someone else (an apply): no verdict this time."""
     latest: Mapping[str, str] | None = None
     """Exact modes, optional: per table in ``tables``, the position of its newest pending
     change, so that a view already applied past it is not refreshed again."""

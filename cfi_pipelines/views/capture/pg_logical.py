@@ -50,7 +50,7 @@ from cfi_pipelines.views.capture.pgoutput import (
 
 log = logging.getLogger(__name__)
 
-GATE_CHANGES = 10_000
+GATE_CHANGES = 2_000
 """Row changes the gate decodes at most to name the tables that moved (more: all suspect)."""
 CHANGES_PER_BATCH = 50_000
 """Row changes per :meth:`PgLogicalCapture.changes` call by default (memory bound)."""
@@ -158,7 +158,7 @@ class PgLogicalCapture(Capture):
             except sa.exc.DBAPIError as exc:
                 if _sqlstate(exc) == _OBJECT_IN_USE:
                     now = conn.exec_driver_sql("SELECT pg_current_wal_lsn()::text").scalar()
-                    return Gate(now, True, None, "slot busy: an apply is reading it")
+                    return Gate(now, True, None, "slot busy: an apply is reading it", busy=True)
                 raise
             if row.confirmed is None or row.wal_status == "lost":
                 why = "missing" if row.confirmed is None else "lost"
