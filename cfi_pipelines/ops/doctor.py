@@ -201,6 +201,8 @@ def check_database(component: str, variable: str, url: str) -> list[Check]:
                 )
             if component == "cfi_source" and conn.dialect.name == "mssql":
                 out.append(check_change_tracking(conn, where))
+            if component == "common":
+                out.extend(check_tenancy(conn))
             conn.rollback()
             return out
     except Exception as exc:
@@ -241,6 +243,17 @@ def check_change_tracking(conn: sa.Connection, where: str) -> Check:
         f"Change Tracking on, {len(tables)} followed tables tracked, VIEW CHANGE TRACKING "
         "granted, snapshot isolation allowed",
     )
+
+
+def check_tenancy(conn: sa.Connection) -> list[Check]:
+    """Tenant isolation on the common DB: policies in place and forced, no reading
+    account that bypasses them, which binding is in use (cfi_pipelines.tenancy)."""
+    from cfi_pipelines.tenancy.policies import inspect
+
+    return [
+        Check("common:tenancy", status, detail, None if status == OK else "CFI_COMMON_URL")
+        for status, detail in inspect(conn)
+    ]
 
 
 def _short(exc: BaseException) -> str:

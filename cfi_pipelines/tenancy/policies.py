@@ -68,7 +68,11 @@ def mssql_swap_statements(live: str, staging: str, old: str) -> tuple[str, str]:
         "DECLARE @sql nvarchar(max) = N''; "
         "SELECT @sql = @sql + N'ALTER SECURITY POLICY ' "
         "+ QUOTENAME(OBJECT_SCHEMA_NAME(p.object_id)) + N'.' + QUOTENAME(OBJECT_NAME(p.object_id)) "
-        "+ N' ADD ' + p.predicate_type_desc + N' PREDICATE ' + p.predicate_definition "
+        "+ N' ADD ' + p.predicate_type_desc + N' PREDICATE ' "
+        # sys.security_predicates shows "([schema].[fn]([col]))": ADD takes it bare
+        "+ CASE WHEN LEFT(p.predicate_definition, 1) = N'(' "
+        "THEN SUBSTRING(p.predicate_definition, 2, LEN(p.predicate_definition) - 2) "
+        "ELSE p.predicate_definition END "
         f"+ N' ON dbo.' + QUOTENAME(N'{staging}') + N'; ' "
         f"FROM sys.security_predicates p WHERE p.target_object_id = OBJECT_ID(N'dbo.{live}'); "
         "EXEC sp_executesql @sql;"
@@ -85,17 +89,80 @@ def mssql_swap_statements(live: str, staging: str, old: str) -> tuple[str, str]:
     return add, drop
 
 
+def selftest_policy_copy(conn: sa.Connection, live: str, staging: str, token: str) -> str:
+    """``doctor --selftest``: on scratch tables, give ``live`` a tenant policy and copy it
+    onto ``staging`` exactly as the swap does; raises when the copy is not there."""
+    dialect = conn.dialect.name
+    prep = conn.dialect.identifier_preparer
+    if dialect == "postgresql":
+        q = prep.quote(live)
+        conn.exec_driver_sql(f"ALTER TABLE {q} ENABLE ROW LEVEL SECURITY")
+        conn.exec_driver_sql(f"ALTER TABLE {q} FORCE ROW LEVEL SECURITY")
+        conn.exec_driver_sql(f"CREATE POLICY cfi_selftest ON {q} FOR SELECT USING (tenant_id = 1)")
+        n = copy_policies(conn, live, staging)
+        row = conn.execute(
+            sa.text(
+                "SELECT relrowsecurity AND relforcerowsecurity, "
+                "(SELECT count(*) FROM pg_policy WHERE polrelid = c.oid) "
+                "FROM pg_class c WHERE oid = to_regclass(quote_ident(:t))"
+            ),
+            {"t": staging},
+        ).first()
+        if n != 1 or row is None or not row[0] or row[1] != 1:
+            raise AssertionError(
+                f"the staging table got {row} (forced, policies), expected forced, 1"
+            )
+        return "row-level security (forced) and its policy copied onto the staging table"
+    if dialect == "mssql":
+        fn, policy = f"dbo.cfi_selftest_{token}_fn", f"dbo.cfi_selftest_{token}_policy"
+        conn.exec_driver_sql(
+            f"CREATE FUNCTION {fn}(@tenant_id int) RETURNS TABLE WITH SCHEMABINDING AS "
+            "RETURN SELECT 1 AS allowed "
+            "WHERE @tenant_id = CAST(SESSION_CONTEXT(N'cfi_selftest_tenant') AS int)"
+        )
+        conn.exec_driver_sql(
+            f"CREATE SECURITY POLICY {policy} ADD FILTER PREDICATE {fn}(tenant_id) "
+            f"ON dbo.{prep.quote(live)} WITH (STATE = ON, SCHEMABINDING = ON)"
+        )
+        try:
+            add, drop = mssql_swap_statements(live, staging, live)
+            conn.exec_driver_sql(add)
+            conn.exec_driver_sql(drop)  # (run on live here: the table a swap sets aside)
+            where = sa.text(
+                "SELECT OBJECT_NAME(target_object_id) FROM sys.security_predicates "
+                "WHERE object_id = OBJECT_ID(:p)"
+            )
+            targets = conn.execute(where, {"p": policy}).scalars().all()
+            if targets != [staging]:
+                raise AssertionError(f"the predicates are on {targets}, expected [{staging}]")
+            counts = []
+            for tenant in (1, 2):
+                conn.exec_driver_sql(
+                    f"EXEC sp_set_session_context N'cfi_selftest_tenant', {tenant}"
+                )
+                counts.append(
+                    conn.scalar(sa.text(f"SELECT count(*) FROM dbo.{prep.quote(staging)}"))
+                )
+            if counts[0] == 0 or counts[1] != 0:
+                raise AssertionError(f"rows seen as tenant 1 and 2: {counts}, expected n and 0")
+        finally:
+            conn.exec_driver_sql(f"DROP SECURITY POLICY {policy}")
+            conn.exec_driver_sql(f"DROP FUNCTION {fn}")
+        return "security predicate copied onto the staging table, filtering by session context"
+    return f"not applicable on {dialect} (no row-level security; the reference reader binds)"
+
+
 # --------------------------------------------------------------------------- doctor
 
 
-def inspect(conn: sa.Connection) -> list[tuple[bool, str]]:
-    """``[(ok, detail)]``: the policies are in place and forced on the views and the
+def inspect(conn: sa.Connection) -> list[tuple[str, str]]:
+    """``[(status, detail)]`` (``OK``/``WARN``/``FAIL``): the policies are in place and forced on the views and the
     closure, no reading account can bypass them, and which binding is in use."""
     dialect = conn.dialect.name
     if dialect == "sqlite":
         return [
             (
-                True,
+                "OK",
                 "SQLite has no row-level security: the binding is the reference reader "
                 "(`cfi-pipelines query --tenant`: authorizer, per-tenant TEMP views, "
                 "query-only connection, time limit, row cap)",
@@ -105,10 +172,10 @@ def inspect(conn: sa.Connection) -> list[tuple[bool, str]]:
         return _inspect_pg(conn)
     if dialect == "mssql":
         return _inspect_mssql(conn)
-    return [(False, f"no tenant binding for {dialect}")]
+    return [("FAIL", f"no tenant binding for {dialect}")]
 
 
-def _inspect_pg(conn: sa.Connection) -> list[tuple[bool, str]]:
+def _inspect_pg(conn: sa.Connection) -> list[tuple[str, str]]:
     rows = conn.execute(
         sa.text(
             "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity, "
@@ -124,13 +191,13 @@ def _inspect_pg(conn: sa.Connection) -> list[tuple[bool, str]]:
     if missing:
         return [
             (
-                False,
-                "row-level security is not enabled, forced and with its policy on "
-                f"{', '.join(missing)}: run deploy/sql/postgresql_row_level_security.sql "
+                "FAIL",
+                "tenant isolation is not enforced by the database: no forced row-level "
+                f"security with its policy on {', '.join(missing)}: run deploy/sql/postgresql_row_level_security.sql "
                 "as a superuser on the common DB",
             )
         ]
-    out = [(True, f"row-level security enabled, forced, policy cfi_tenant_rows on "
+    out = [("OK", f"row-level security enabled, forced, policy cfi_tenant_rows on "
                   f"{len(PROTECTED_TABLES)} tables")]  # fmt: skip
     bypass = (
         conn.execute(
@@ -147,7 +214,7 @@ def _inspect_pg(conn: sa.Connection) -> list[tuple[bool, str]]:
         .all()
     )
     if bypass:
-        out.append((False, f"reading accounts that bypass row-level security: "
+        out.append(("FAIL", f"reading accounts that bypass row-level security: "
                            f"{', '.join(bypass)}: ALTER ROLE … NOSUPERUSER NOBYPASSRLS"))  # fmt: skip
     counts = conn.execute(
         sa.text(
@@ -159,7 +226,7 @@ def _inspect_pg(conn: sa.Connection) -> list[tuple[bool, str]]:
     tenants, roles = counts or (0, 0)
     out.append(
         (
-            roles == tenants,
+            "OK" if roles == tenants else "WARN",
             f"binding: one login role per tenant ({roles}/{tenants} tenants have theirs"
             + (
                 "; the next refresh creates the others, given CREATEROLE)"
@@ -171,7 +238,7 @@ def _inspect_pg(conn: sa.Connection) -> list[tuple[bool, str]]:
     return out
 
 
-def _inspect_mssql(conn: sa.Connection) -> list[tuple[bool, str]]:
+def _inspect_mssql(conn: sa.Connection) -> list[tuple[str, str]]:
     rows = conn.execute(
         sa.text(
             "SELECT OBJECT_NAME(p.target_object_id), sp.is_enabled "
@@ -184,12 +251,12 @@ def _inspect_mssql(conn: sa.Connection) -> list[tuple[bool, str]]:
     if missing:
         return [
             (
-                False,
+                "FAIL",
                 f"no enabled security policy filters {', '.join(missing)}: run "
                 "deploy/sql/sqlserver_row_level_security.sql on the common DB",
             )
         ]
     return [
-        (True, "security policy cfi_tenant_policy filters the 4 views"),
-        (True, "binding: sp_set_session_context @key=N'tenant_id', @read_only=1"),
+        ("OK", "security policy cfi_tenant_policy filters the 4 views"),
+        ("OK", "binding: sp_set_session_context @key=N'tenant_id', @read_only=1"),
     ]

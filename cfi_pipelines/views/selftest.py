@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect, Engine
 
 from cfi_pipelines.db import insert_rows, write_transaction
+from cfi_pipelines.tenancy.policies import mssql_swap_statements, selftest_policy_copy
 from cfi_pipelines.views.incremental import upsert_statement
 from cfi_pipelines.views.load import _analyze_sql, _index_statements
 from cfi_pipelines.views.spec import ViewSpec, get_view
@@ -136,6 +137,11 @@ def compiled_statements(dialect: Dialect, token: str = "000000") -> dict[str, li
         ],
         "grant_copy": [grants] if grants else [],
         "swap": swap_statements(name, t.live.name, t.staging.name, t.old_name),
+        **(
+            {"tenant_policy": list(mssql_swap_statements(t.live.name, t.staging.name, t.old_name))}
+            if name == "mssql"
+            else {}
+        ),
         **({"change_tracking": _ct_statements(dialect, t.ct_name)} if name == "mssql" else {}),
     }
 
@@ -328,6 +334,11 @@ def run_selftest(engine: Engine, *, token: str | None = None) -> list[StepResult
         ("statistics", statistics),
         ("upsert", upsert),
         ("grant_copy", grant_copy),
+        # row-level security copied onto the staging table as the swap does (tenancy)
+        (
+            "tenant_policy",
+            lambda conn: selftest_policy_copy(conn, t.live.name, t.staging.name, t.token),
+        ),
         ("swap", swap),
         ("swap_result", check_swap),
     ]

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from cfi_pipelines.cli import main
 from cfi_pipelines.db import create_engine
 from cfi_pipelines.model import mycfia
+from cfi_pipelines.tenancy.roles import sync_tenants
 from tests.fixtures.http import API_TOKEN, free_port
 
 pytestmark = [pytest.mark.sshd]
@@ -71,6 +72,8 @@ def test_healthy_on_postgres_every_line_ok_with_selftest(
 ):
     with pg_dbs.common.begin() as conn:
         conn.exec_driver_sql(GRANTS.read_text())
+        conn.exec_driver_sql((GRANTS.parent / "postgresql_row_level_security.sql").read_text())
+    sync_tenants(pg_dbs.source, pg_dbs.common, None)  # the refresh creates the tenant roles
     env("CFI_SOURCE_URL", pg_dbs.source_url)
     env("CFI_COMMON_URL", pg_dbs.common_url)
     code, checks = _doctor(capsys, "--selftest")
@@ -80,6 +83,7 @@ def test_healthy_on_postgres_every_line_ok_with_selftest(
         "cfi_source",
         "common",
         "common:readonly",
+        "common:tenancy",
         "mycfia",
         "sftp",
         "cfi_api",
@@ -100,7 +104,8 @@ def test_healthy_through_the_installed_entry_point(env, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert len(lines) == 6 and all(line.startswith("OK ") for line in lines), lines
+    assert len(lines) == 7 and all(line.startswith("OK ") for line in lines), lines
+    assert any("common:tenancy" in line and "reference reader" in line for line in lines)
     assert "Traceback" not in proc.stderr
 
 

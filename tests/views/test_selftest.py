@@ -12,7 +12,7 @@ from cfi_pipelines.views.selftest import PREFIX, compiled_statements, run_selfte
 
 STEPS = [
     "create_staging", "bulk_load", "indexes", "statistics", "upsert",
-    "grant_copy", "swap", "swap_result", "cleanup",
+    "grant_copy", "tenant_policy", "swap", "swap_result", "cleanup",
 ]  # fmt: skip
 
 
