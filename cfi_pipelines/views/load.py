@@ -132,8 +132,16 @@ def source_loader(
     *,
     incremental: bool,
     params: dict,
+    freeze: bool = False,
 ) -> Loader:
-    """The fastest way to fill a staging table with the view's query over ``source``."""
+    """The fastest way to fill a staging table with the view's query over ``source``.
+
+    ``freeze``: the loader is the only writer of a table created for it (a full refresh's
+    staging). PostgreSQL→PostgreSQL then empties it and copies in one transaction with
+    ``COPY … (FREEZE)``: the rows are written frozen and all-visible, so the index
+    builds, ANALYZE and the first readers do not rewrite every page to set hint bits,
+    and autovacuum finds nothing to do on the table once it is live. Never for a table
+    filled by several loads (the incremental's delta)."""
     query = spec.query(incremental=incremental)
     cols = spec.columns
     src_path, tgt_path = _sqlite_path(source), _sqlite_path(target)
@@ -173,14 +181,19 @@ def source_loader(
         def load(staging: sa.Table) -> int:
             prep = target.dialect.identifier_preparer
             col_list = ", ".join(prep.quote(c) for c in cols)
+            name = prep.format_table(staging)
             with source.connect() as sconn, write_transaction(target) as tconn:
                 s_raw = sconn.connection.driver_connection
                 t_raw = tconn.connection.driver_connection
+                if freeze:  # FREEZE needs the table emptied in the COPY's own transaction
+                    tconn.exec_driver_sql(f"TRUNCATE {name}")
                 with (
                     s_raw.cursor() as scur,
                     t_raw.cursor() as tcur,
                     scur.copy(f"COPY ({sql}) TO STDOUT") as out,
-                    tcur.copy(f"COPY {prep.format_table(staging)} ({col_list}) FROM STDIN") as into,
+                    tcur.copy(
+                        f"COPY {name} ({col_list}) FROM STDIN{' (FREEZE)' if freeze else ''}"
+                    ) as into,
                 ):
                     rows = 0
                     for block in out:

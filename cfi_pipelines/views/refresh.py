@@ -201,7 +201,9 @@ def refresh_view(
         taken = _take_position(spec, capture, target) if capture is not None else None
         snapshot_at = utcnow()  # taken before reading: the data is at least this fresh
         watermark = _high_watermark(spec, source)
-        loader = source_loader(spec, source, target, incremental=False, params=spec.params())
+        loader = source_loader(
+            spec, source, target, incremental=False, params=spec.params(), freeze=True
+        )
         result = swap_in(
             spec,
             target,

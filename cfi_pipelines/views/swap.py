@@ -26,7 +26,6 @@ from cfi_pipelines.views.load import (
     _analyze_sql,
     _begin,
     _count,
-    _count_matching,
     _index_statements,
     _schema_for,
     _table_exists,
@@ -49,6 +48,10 @@ while the rename waits queue behind it, so this is also the longest they stall."
 SWAP_LOCK_ATTEMPTS = 5
 SWAP_RETRY_PAUSE_S = 0.2
 """Pause after the n-th failed attempt: n times this (readers run meanwhile)."""
+AUTOVACUUM_MARGIN_MS = 300
+"""When autovacuum alone held the lock, the next attempt waits deadlock_timeout plus
+this: PostgreSQL cancels an autovacuum that blocks a waiter for deadlock_timeout (1 s
+by default), which a 200 ms attempt never reaches. Readers queue that long, once."""
 
 
 def swap_statements(dialect: str, live: str, staging: str, old: str) -> list[str]:
@@ -97,14 +100,36 @@ class SwapLockTimeout(RefreshError):
             who = "; ".join(_describe_holder(h) for h in holders)
         else:
             who = "lock held by a session that released it before it could be named"
+        why = (
+            "autovacuum kept working on the table (a wraparound vacuum is never cancelled)"
+            if holders and all(is_autovacuum(h) for h in holders)
+            else "A reader probably left its transaction open"
+        )
         super().__init__(
             f"view {view}: not swapped in, the swap waited {attempts} times "
-            f"{SWAP_LOCK_TIMEOUT_MS} ms for its lock: {who}. A reader probably left its "
-            "transaction open; the live view is untouched and the next refresh retries."
+            f"{SWAP_LOCK_TIMEOUT_MS} ms or more for its lock: {who}. {why}; the live view is "
+            "untouched and the next refresh retries."
         )
 
 
+def is_autovacuum(h: dict) -> bool:
+    """Whether a lock holder is an autovacuum worker: by ``backend_type`` when visible
+    (superuser, pg_read_all_stats), else by what only autovacuum looks like (no user, a
+    SHARE UPDATE EXCLUSIVE lock on a table)."""
+    if h.get("backend_type"):
+        return h["backend_type"] == "autovacuum worker"
+    return not h.get("usename") and h.get("mode") == "ShareUpdateExclusiveLock"
+
+
 def _describe_holder(h: dict) -> str:
+    if is_autovacuum(h):
+        sure = "" if h.get("backend_type") else "probably "
+        what = f": {h['query']!r}" if (h.get("query") or "").startswith("autovacuum") else ""
+        return (
+            f"lock held by {sure}autovacuum (pid {h['pid']}{what}) {h['mode']} on "
+            f"{h['relname']}: PostgreSQL's own maintenance, not a reader; it yields to a "
+            "waiting lock only after deadlock_timeout"
+        )
     state = h.get("state") or "unknown (grant pg_read_all_stats to the refresher to see it)"
     since = (
         f", transaction open since {h['xact_start']:%Y-%m-%d %H:%M:%S%z}"
@@ -129,7 +154,7 @@ def _lock_holders(target: Engine, tables: tuple[str, ...]) -> list[dict]:
     state and query are visible to superusers and pg_read_all_stats only)."""
     sql = sa.text(
         "SELECT DISTINCT l.pid, l.mode, c.relname, a.application_name, a.state, "
-        "a.usename, a.xact_start "
+        "a.usename, a.xact_start, a.backend_type, left(a.query, 200) AS query "
         "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
         "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
         "WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid() "
@@ -145,6 +170,15 @@ def _lock_holders(target: Engine, tables: tuple[str, ...]) -> list[dict]:
     except sa.exc.SQLAlchemyError:  # best effort: the error message must still come out
         log.exception("could not list the sessions holding locks on %s", tables)
         return []
+
+
+def _deadlock_timeout_ms(target: Engine) -> int:
+    with target.connect() as conn:
+        value = conn.exec_driver_sql(
+            "SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'"
+        ).scalar()
+        conn.rollback()
+    return int(value or 1000)
 
 
 def _swap_with_retries(
@@ -173,12 +207,21 @@ def _swap_with_retries(
     sys.dm_tran_locks / sys.dm_exec_requests.blocking_session_id joined to
     sys.dm_exec_sessions (program_name, status, open_transaction_count). Not done
     yet: today the SQL Server swap waits without a lock timeout.
+
+    Autovacuum (PostgreSQL): it holds SHARE UPDATE EXCLUSIVE on a table it works on,
+    and yields to a waiter only when the waiter's deadlock check runs, after
+    deadlock_timeout (1 s by default), longer than an attempt. The staging table has
+    autovacuum off until it is live (nothing to wait for there); when autovacuum alone
+    held the live table, the next attempt waits deadlock_timeout +
+    :data:`AUTOVACUUM_MARGIN_MS` so that PostgreSQL cancels it, and the holder is named
+    as autovacuum, not as a reader.
     """
+    wait_ms = SWAP_LOCK_TIMEOUT_MS
     for attempt in range(1, SWAP_LOCK_ATTEMPTS + 1):
         try:
             with _begin(target) as conn:
                 if target.dialect.name == "postgresql":
-                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT_MS}ms'")
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{wait_ms}ms'")
                 return body(conn)
         except sa.exc.OperationalError as exc:
             if target.dialect.name != "postgresql" or not _is_lock_timeout(exc):
@@ -193,6 +236,10 @@ def _swap_with_retries(
             )
             if attempt == SWAP_LOCK_ATTEMPTS:
                 raise SwapLockTimeout(spec.name, attempt, holders) from exc
+            if holders and all(is_autovacuum(h) for h in holders):
+                wait_ms = _deadlock_timeout_ms(target) + AUTOVACUUM_MARGIN_MS
+            else:
+                wait_ms = SWAP_LOCK_TIMEOUT_MS
             time.sleep(SWAP_RETRY_PAUSE_S * attempt)
     raise AssertionError("unreachable")
 
@@ -231,6 +278,14 @@ def swap_in(
             if _table_exists(conn, name):
                 conn.exec_driver_sql(f"DROP TABLE {prep.quote(name)}")
         staging.create(conn)
+        if dialect == "postgresql":
+            # Autovacuum would take the freshly loaded table's SHARE UPDATE EXCLUSIVE lock
+            # and hold the index builds and the swap (it yields only after deadlock_timeout):
+            # off until the swap, which turns it back on for the live table.
+            conn.exec_driver_sql(
+                f"ALTER TABLE {prep.quote(staging.name)} SET "
+                "(autovacuum_enabled = false, toast.autovacuum_enabled = false)"
+            )
     try:
         loaded = loader(staging)
         with _begin(target) as conn:
@@ -246,7 +301,6 @@ def swap_in(
             live_exists = _table_exists(conn, live.name)
             live_rows = _count(conn, live) if live_exists else 0
             staging_rows = _count(conn, staging)
-            matched = _count_matching(conn, staging, live, spec.key) if live_exists else 0
             conn.rollback()
         if not force and live_rows and staging_rows < live_rows * (1 - max_drop_share):
             raise RefreshRefused(spec.name, staging_rows, live_rows, max_drop_share)
@@ -271,6 +325,11 @@ def swap_in(
                     conn.exec_driver_sql(drop_predicates)
             else:
                 conn.exec_driver_sql(swap_statements(dialect, live.name, staging.name, old_name)[1])
+            if dialect == "postgresql":  # the live table is maintained as any other
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {prep.quote(live.name)} "
+                    "RESET (autovacuum_enabled, toast.autovacuum_enabled)"
+                )
             if closure is not None:
                 _write_closure(conn, closure)
             duration = time.perf_counter() - started
@@ -281,9 +340,11 @@ def swap_in(
                 source=source,
                 rows=staging_rows,
                 loaded=loaded,
-                inserted=staging_rows - matched,
-                updated=matched,
-                deleted=live_rows - matched,
+                # net figures (no key-by-key join of two whole tables: O(table) for a
+                # number): rows gained, rows lost, and the rest replaced
+                inserted=max(staging_rows - live_rows, 0),
+                updated=min(staging_rows, live_rows),
+                deleted=max(live_rows - staging_rows, 0),
                 duration_s=duration,
                 source_snapshot_at=snapshot_at,
                 watermark=watermark,
