@@ -143,6 +143,10 @@ def build_view_asset(spec: ViewSpec) -> dg.AssetsDefinition:
                     r.watermark.timestamp() if r.watermark else 0.0
                 ),
                 "mode": r.mode,
+                "capture_mode": r.capture_mode,
+                "changed_keys": r.keys,
+                "row_changes": r.changes,
+                "capture_position": r.position,
                 "source_snapshot_at": r.source_snapshot_at.isoformat(),
             }
         )

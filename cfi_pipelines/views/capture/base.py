@@ -109,11 +109,12 @@ class Gate:
     changed: bool
     tables: frozenset[str] | None = None
     note: str = ""
-    busy: bool = False
-    """The change log is being read by someone else (an apply): no verdict this time."""
     latest: Mapping[str, str] | None = None
     """Exact modes, optional: per table in ``tables``, the position of its newest pending
     change, so that a view already applied past it is not refreshed again."""
+
+    busy: bool = False
+    """The change log is being read by someone else (an apply): no verdict this time."""
 
     def suspects(self, followed: Iterable[str]) -> set[str]:
         """The followed tables this gate says may have changed."""

@@ -178,7 +178,7 @@ class PgLogicalCapture(Capture):
         if truncated:
             return Gate(row.now, True, None, "many changes pending")
         if latest:
-            return Gate(row.now, True, frozenset(latest), "changes pending", latest)
+            return Gate(row.now, True, frozenset(latest), "changes pending", latest=latest)
         if since is None:
             # no pending change; a first call still cannot vouch for views it never saw
             return Gate(row.now, True, None, "first look at the slot")
