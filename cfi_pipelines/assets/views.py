@@ -14,6 +14,7 @@ from cfi_pipelines.assets.sources import source_key
 from cfi_pipelines.clock import iso_z, utcnow
 from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.settings import FRESH_WINDOW, INCIDENT_WINDOW, default_schedule_status
+from cfi_pipelines.views.diagnosis import DiagnosedFailure, Diagnosis, diagnose
 from cfi_pipelines.views.freshness import format_age, freshness_state, view_age
 from cfi_pipelines.views.probe import view_source_tables
 from cfi_pipelines.views.refresh import (
@@ -112,15 +113,12 @@ def build_view_asset(spec: ViewSpec) -> dg.AssetsDefinition:
             raise dg.Failure(
                 description=str(exc), metadata={"view": spec.name, "attempts": exc.attempts}
             ) from exc
-        except sa.exc.OperationalError as exc:
-            raise dg.Failure(
-                description=(
-                    f"view {spec.name}: a database is unreachable ({type(exc.orig).__name__}: "
-                    f"{exc.orig}). Source {cfi_source.display_url}, common {cfi_common.display_url}. "
-                    "The live view is untouched; the lag sensor falls back to the CFI API if this lasts."
-                ),
-                metadata={"view": spec.name},
-            ) from exc
+        except DiagnosedFailure as exc:  # a database error, its cause named
+            raise diagnosed_failure(spec, exc.diagnosis) from exc
+        except sa.exc.DBAPIError as exc:  # before the refresh proper (the common DB's status)
+            found = diagnose(spec, cfi_source.engine(), cfi_common.engine(), exc)
+            assert found is not None
+            raise diagnosed_failure(spec, found) from exc
         context.log.info(
             f"{spec.name}: {r.mode} refresh, {r.rows} rows ({r.inserted} inserted, {r.updated} "
             f"updated, {r.deleted} deleted) in {r.duration_s:.2f}s"
@@ -152,6 +150,34 @@ def build_view_asset(spec: ViewSpec) -> dg.AssetsDefinition:
         )
 
     return _refresh
+
+
+def diagnosed_failure(spec: ViewSpec, diagnosis: Diagnosis) -> dg.Failure:
+    """The refresh's Failure for a database error: one line naming the cause and what to
+    do. A schema change is not retried (the same query fails again) and carries the
+    drifted tables (``schema_drift``: the alert sensor opens one episode per table)."""
+    untouched = "The live view is untouched"
+    if diagnosis.kind == "schema":
+        after = (
+            f"{untouched}; once it is > 15 min old and 2 refreshes failed, the lag sensor "
+            "serves it from the CFI API (same view contract). Restore the column in CFI's DB, "
+            "or adapt the view's query (cfi_pipelines/views/spec.py)."
+        )
+    else:
+        after = f"{untouched}; the lag sensor falls back to the CFI API if this lasts."
+    drift = [
+        {"table": d.table, "column": d.column, "views": list(d.views)}
+        for d in diagnosis.differences
+    ]
+    return dg.Failure(
+        description=f"view {spec.name}: {diagnosis.message}. {after}",
+        metadata={
+            "view": spec.name,
+            "cause": diagnosis.kind,
+            **({"schema_drift": dg.MetadataValue.json(drift)} if drift else {}),
+        },
+        allow_retries=diagnosis.kind != "schema",
+    )
 
 
 def freshness_severity(age: timedelta | None) -> tuple[bool, dg.AssetCheckSeverity]:

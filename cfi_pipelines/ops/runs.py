@@ -62,13 +62,19 @@ def materializations(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, A
 
 
 def step_failures(result: dg.ExecuteInProcessResult) -> list[str]:
-    """One line per failed step of an in-process result: step key and first error line."""
+    """Per failed step of an in-process result: step key and what failed, whole. A
+    ``dagster.Failure``'s description is the message (never cut, no exception class);
+    any other error, its first line (the traceback is in the run's logs)."""
     out = []
     for ev in result.all_events:
         if ev.is_step_failure:
-            err = ev.step_failure_data.error
-            first = (err.message.strip().splitlines() or [""])[0] if err else ""
-            out.append(f"{ev.step_key}: {first}")
+            data = ev.step_failure_data
+            if data.user_failure_data is not None and data.user_failure_data.description:
+                text = data.user_failure_data.description.strip()
+            else:
+                err = data.error
+                text = (err.message.strip().splitlines() or [""])[0] if err else ""
+            out.append(f"{ev.step_key}: {text}")
     return out
 
 

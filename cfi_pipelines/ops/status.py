@@ -107,12 +107,16 @@ def format_status(st: dict[str, Any]) -> list[str]:
     """The human-readable lines of :func:`collect_status`'s report."""
     lines = [f"{'view':<11} {'rows':>9} {'source':<8} {'freshness':<9} age"]
     for v in st["views"]:
-        err = f"  last error: {v['error']}" if v["error"] else ""
+        # one line per view; an error of several lines (an older record) goes below it
+        error = (v["error"] or "").strip().splitlines()
+        err = f"  last error: {error[0]}" if len(error) == 1 else ""
         rows = v["rows"] if v["rows"] is not None else "-"
         lines.append(
             f"{v['view']:<11} {rows:>9} {v['source'] or '-':<8} "
             f"{v['freshness']:<9} {format_age(v['age_s'])}{err}"
         )
+        if len(error) > 1:
+            lines += _error_lines("last error", v["error"], indent="  ")
     if st.get("exports_error"):
         lines.append(f"exports: {st['exports_error']}")
     else:

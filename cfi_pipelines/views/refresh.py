@@ -39,6 +39,7 @@ from cfi_pipelines.clock import utcnow
 from cfi_pipelines.tenancy.roles import sync_after_refresh
 from cfi_pipelines.views.apply import NeedsFullRefresh, apply_view
 from cfi_pipelines.views.capture import Capture, CaptureLost, CaptureUnavailable, capture_for
+from cfi_pipelines.views.diagnosis import DiagnosedFailure, diagnose
 from cfi_pipelines.views.incremental import (
     _high_watermark,
     _incremental,
@@ -71,6 +72,7 @@ from cfi_pipelines.views.swap import (
 __all__ = [
     "DEFAULT_MAX_DROP_SHARE",
     "DEFAULT_OVERLAP",
+    "DiagnosedFailure",
     "Loader",
     "Mode",
     "exact_capture",
@@ -156,12 +158,12 @@ def refresh_view(
     )
     if effective == "incremental" and not can_increment:
         effective = "full"  # nothing to increment from yet: a first refresh is always full
-    capture = exact_capture(source) if mode != "incremental" else None
-    position = read_positions(target, capture.mode).get(spec.name) if capture else None
-    if mode == "auto" and capture is not None:
-        applies = position is not None and live_exists and status.get("source") == "db"
-        effective = "apply" if applies else "full"
-    try:
+    try:  # from the first read of the source on, every failure is recorded and diagnosed
+        capture = exact_capture(source) if mode != "incremental" else None
+        position = read_positions(target, capture.mode).get(spec.name) if capture else None
+        if mode == "auto" and capture is not None:
+            applies = position is not None and live_exists and status.get("source") == "db"
+            effective = "apply" if applies else "full"
         closure = _read_closure(source)
         sync_after_refresh(source, target)  # tenants' map and login roles (tenancy.roles)
         if effective == "apply":
@@ -223,13 +225,18 @@ def refresh_view(
         return result
     except BaseException as exc:
         outcome = "refused" if isinstance(exc, RefreshRefused) else "failed"
+        # a database error: which one, or CFI's schema changed (one line, the variable)
+        diagnosed = diagnose(spec, source, target, exc)
+        failure = DiagnosedFailure(spec.name, diagnosed) if diagnosed is not None else None
         record_failure(
             target,
             spec.name,
             mode=effective,
             source="db",
             started_at=started_at,
-            error=exc if str(exc) else repr(exc),
+            error=failure or (exc if str(exc) else repr(exc)),
             outcome=outcome,
         )
+        if failure is not None:
+            raise failure from exc
         raise

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from cfi_pipelines.db import create_engine
 from cfi_pipelines.model import cfi_common as common
 from cfi_pipelines.model import cfi_source as src
+from cfi_pipelines.views.diagnosis import DiagnosedFailure
 from cfi_pipelines.views.refresh import (
     RefreshRefused,
     read_status,
@@ -204,10 +205,12 @@ def test_a_failing_load_leaves_the_live_view_and_records_the_error(dbs: Database
 def test_unreachable_source_is_recorded_and_view_kept(sqlite_dbs: Databases, tmp_path):
     refresh_view(STOCKS, sqlite_dbs.source, sqlite_dbs.common)
     dead = create_engine("postgresql+psycopg://x:y@127.0.0.1:9/none?connect_timeout=1")
-    with pytest.raises(sa.exc.OperationalError):
+    with pytest.raises(DiagnosedFailure) as info:  # the database error, its cause named
         refresh_view(STOCKS, dead, sqlite_dbs.common, mode="full")
+    assert isinstance(info.value.__cause__, sa.exc.OperationalError)
     status = read_status(sqlite_dbs.common)["stocks"]
-    assert status["rows"] == 9984 and status["consecutive_failures"] == 1 and status["error"]
+    assert status["rows"] == 9984 and status["consecutive_failures"] == 1
+    assert "check CFI_SOURCE_URL (host, port, database, credentials)" in status["error"]
 
 
 def test_readers_never_see_a_partial_or_empty_view(dbs: Databases):
