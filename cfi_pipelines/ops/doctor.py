@@ -143,6 +143,20 @@ def _readonly_problems(conn: sa.Connection) -> list[str]:
     return problems
 
 
+def _schema_drift(conn: sa.Connection) -> str:
+    """Every column the views read that CFI's DB lacks, named (catalog reads only); ""."""
+    from cfi_pipelines.views.schema import compare, describe
+
+    differences = compare(conn)
+    if not differences:
+        return ""
+    return (
+        f"{describe(differences)}: those views cannot be refreshed (the lag sensor serves "
+        "them from the CFI API); restore the columns in CFI's DB, or adapt the views' queries "
+        "(cfi_pipelines/views/spec.py)"
+    )
+
+
 def check_database(component: str, variable: str, url: str) -> list[Check]:
     where = redact(url)
     try:
@@ -171,6 +185,15 @@ def check_database(component: str, variable: str, url: str) -> list[Check]:
                         f"{where} is reachable but lacks the tables "
                         f"{', '.join(missing)}: {_MISSING_HINT[component]}, or point {variable} "
                         "at the right database",
+                        variable,
+                    )
+                ]
+            if component == "cfi_source" and (drift := _schema_drift(conn)):
+                return [
+                    Check(
+                        component,
+                        FAIL,
+                        f"{where} is reachable but {drift}; or point {variable} at the right DB",
                         variable,
                     )
                 ]

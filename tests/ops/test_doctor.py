@@ -270,3 +270,13 @@ def test_readonly_fail_says_what_to_run_and_where(env, pg_dbs, capsys):
     line = next(x for x in out.splitlines() if "common:readonly" in x)
     assert "FAIL" in line and "psql" in line and "postgresql_readonly.sql" in line
     assert line.endswith("[fix: CFI_COMMON_URL]"), line
+
+
+def test_a_renamed_source_column_is_named_not_reachable_and_in_place(env, capsys, sqlite_dbs):
+    with sqlite_dbs.source.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE products RENAME COLUMN name TO label")
+    code, checks = _doctor(capsys)
+    assert code == 1
+    detail = _only_failure(checks, "cfi_source", "CFI_SOURCE_URL")["detail"]
+    assert "CFI's schema changed: products.name is missing (read by stocks)" in detail
+    assert "tables in place" not in detail
