@@ -17,7 +17,7 @@ from cfi_pipelines.assets.exports import (
     export_assets,
 )
 from cfi_pipelines.assets.fallback import fallback_assets, fallback_snapshots_job
-from cfi_pipelines.assets.sources import source_assets
+from cfi_pipelines.assets.sources import schema_checks, source_assets
 from cfi_pipelines.assets.views import (
     build_view_schedules,
     check_views_job,
@@ -40,7 +40,7 @@ def build_defs(**resource_overrides: object) -> dg.Definitions:
     embedded fake API)."""
     return dg.Definitions(
         assets=[*source_assets, *view_assets, *fallback_assets, *export_assets],
-        asset_checks=view_checks,
+        asset_checks=[*view_checks, *schema_checks],
         jobs=[
             refresh_views_job,
             check_views_job,

@@ -10,7 +10,7 @@ from typing import Literal
 import dagster as dg
 import sqlalchemy as sa
 
-from cfi_pipelines.assets.sources import source_key
+from cfi_pipelines.assets.sources import report_schema_drift, source_key
 from cfi_pipelines.clock import iso_z, utcnow
 from cfi_pipelines.resources.databases import DatabaseResource
 from cfi_pipelines.settings import FRESH_WINDOW, INCIDENT_WINDOW, default_schedule_status
@@ -114,10 +114,12 @@ def build_view_asset(spec: ViewSpec) -> dg.AssetsDefinition:
                 description=str(exc), metadata={"view": spec.name, "attempts": exc.attempts}
             ) from exc
         except DiagnosedFailure as exc:  # a database error, its cause named
+            _report_drift(context, exc.diagnosis)
             raise diagnosed_failure(spec, exc.diagnosis) from exc
         except sa.exc.DBAPIError as exc:  # before the refresh proper (the common DB's status)
             found = diagnose(spec, cfi_source.engine(), cfi_common.engine(), exc)
             assert found is not None
+            _report_drift(context, found)
             raise diagnosed_failure(spec, found) from exc
         context.log.info(
             f"{spec.name}: {r.mode} refresh, {r.rows} rows ({r.inserted} inserted, {r.updated} "
@@ -150,6 +152,16 @@ def build_view_asset(spec: ViewSpec) -> dg.AssetsDefinition:
         )
 
     return _refresh
+
+
+def _report_drift(context: dg.AssetExecutionContext, diagnosis: Diagnosis) -> None:
+    """The drifted tables' schema checks fail now, in the UI (never changes the outcome)."""
+    if not diagnosis.differences:
+        return
+    try:
+        report_schema_drift(context.instance, diagnosis.differences)
+    except Exception as exc:
+        context.log.error(f"could not report the schema checks: {type(exc).__name__}: {exc}")
 
 
 def diagnosed_failure(spec: ViewSpec, diagnosis: Diagnosis) -> dg.Failure:
