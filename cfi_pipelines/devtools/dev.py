@@ -1,22 +1,29 @@
-"""``cfi-pipelines dev [--port P]``: the embedded servers, then ``dagster dev`` with automation on.
+"""``cfi-pipelines dev [--port P]``: the embedded servers, then ``dg dev`` with automation on.
 
 Seeds the embedded databases if they are missing, starts the embedded SFTP
 server (when ``CFI_SFTP_HOST`` is unset) and the fake CFI API (when
-``CFI_API_URL`` is unset, so the fallback path works), then runs
-``dagster dev -m cfi_pipelines.definitions -h 127.0.0.1 -p P`` with
+``CFI_API_URL`` is unset, so the fallback path works), then runs ``dg dev -w
+CFI_HOME/dagster/workspace.yaml -h 127.0.0.1 -p P`` (Dagster's recommended
+command; ``dagster dev`` when dagster-dg-cli is not installed) with
 ``DAGSTER_HOME`` = ``CFI_HOME/dagster``: the UI, and the daemon running the
-schedules and sensors (on by default unless ``CFI_AUTOMATION=off``).
+schedules and sensors (on by default unless ``CFI_AUTOMATION=off``). The
+workspace names the code location ``cfi_pipelines``, as ``workspace.yaml`` and
+``pyproject.toml`` do. Every path and URL the children get is absolute
+(``settings.child_environment``): they run in the instance's directory.
 
-``dagster dev`` runs in its own session (process group): started from a script
+Dagster runs in its own session (process group): started from a script
 it would otherwise ignore SIGINT/SIGTERM. Ctrl-C (or SIGTERM/SIGHUP) is
-forwarded to the whole group, which is killed if it does not stop in time;
-then the embedded servers stop. Nothing started here outlives the command.
+forwarded to the whole group as the SIGINT a terminal's Ctrl-C sends (the
+shutdown Dagster's processes are written for), and the group is killed if it
+has not stopped after ``STOP_TIMEOUT_S``; then the embedded servers stop.
+Nothing started here outlives the command.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import os
 import signal
 import subprocess
@@ -25,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import FrameType
 
 from cfi_pipelines.devtools.fake_cfi_api import DEFAULT_PORT as DEFAULT_API_PORT
@@ -47,20 +55,32 @@ def _say(msg: str) -> None:
     print(f"cfi-pipelines dev: {msg}", flush=True)
 
 
-def dagster_dev_command(port: int, host: str = "127.0.0.1") -> list[str]:
-    """The ``dagster dev`` command line, run with this interpreter (same virtualenv)."""
-    return [
-        sys.executable,
-        "-m",
-        "dagster",
-        "dev",
-        "-m",
-        "cfi_pipelines.definitions",
-        "-h",
-        host,
-        "-p",
-        str(port),
-    ]
+LOCATION_NAME = "cfi_pipelines"
+"""The code location's name, as in workspace.yaml and pyproject.toml ([tool.dg])."""
+WORKSPACE_YAML = f"""\
+# Written by `cfi-pipelines dev`: the project's code location, under its one name.
+load_from:
+  - python_module:
+      module_name: cfi_pipelines.definitions
+      location_name: {LOCATION_NAME}
+"""
+
+
+def write_workspace(dagster_home: Path) -> Path:
+    """``<dagster_home>/workspace.yaml`` for ``dg dev -w`` (rewritten each time: cheap)."""
+    path = dagster_home / "workspace.yaml"
+    path.write_text(WORKSPACE_YAML)
+    return path
+
+
+def dagster_dev_command(port: int, workspace: Path, host: str = "127.0.0.1") -> list[str]:
+    """``dg dev`` on ``workspace``, run with this interpreter (same virtualenv); ``dagster
+    dev`` (which Dagster reports as superseded) when dagster-dg-cli is not installed."""
+    if importlib.util.find_spec("dagster_dg_cli") is not None:
+        head = [sys.executable, "-m", "dagster_dg_cli.cli", "dev"]
+    else:
+        head = [sys.executable, "-m", "dagster", "dev"]
+    return [*head, "-w", str(workspace), "-h", host, "-p", str(port)]
 
 
 def webserver_ready(url: str, timeout: float = 2.0) -> bool:
@@ -88,13 +108,15 @@ def _group_alive(pgid: int) -> bool:
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int | None:
-    """SIGTERM the process group led by ``proc``; SIGKILL what is left of it after ``timeout``.
+    """Interrupt the process group led by ``proc`` as Ctrl-C in a terminal does (SIGINT to
+    every process of the group: the shutdown Dagster's dev processes are written for);
+    SIGKILL what is left of it after ``timeout``.
 
     Waits for the leader *and* the rest of the group (run workers still shutting
     down), so nothing it started outlives the call. Returns the leader's exit code.
     """
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGINT)
     deadline = time.monotonic() + timeout
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=timeout)
@@ -203,8 +225,9 @@ def run_dev(port: int = DEFAULT_UI_PORT, api_port: int = DEFAULT_API_PORT) -> in
                 _say(line)
             _say(f"DAGSTER_HOME          {dagster_home}")
             automation = "on" if s.automation else "off (CFI_AUTOMATION)"
-            _say(f"starting dagster dev on {url} (schedules and sensors {automation}) …")
-            code = run_dagster_dev(dagster_dev_command(port), env, url)
+            _say(f"starting dg dev on {url} (schedules and sensors {automation}) …")
+            workspace = write_workspace(dagster_home)
+            code = run_dagster_dev(dagster_dev_command(port, workspace), env, url)
     except (_Stop, KeyboardInterrupt):  # a signal before dagster dev started
         code = 0
     _say("stopped (dagster dev and the embedded servers)")

@@ -198,3 +198,18 @@ def test_dev_children_open_the_databases_seed_filled(tmp_path, monkeypatch):
         t = common.cfi_view_status
         assert conn.scalar(sa.select(t.c.rows).where(t.c.view == "stocks")) == 9984
     assert not (tmp_path / ".cfi" / "dagster" / ".cfi").exists()
+
+
+def test_dagster_backed_commands_carry_no_beta_or_supersession_warning(tmp_path, cfi_home):
+    """Issue 16 item 11: every Dagster-backed command printed "BetaWarning: Parameter `owners`
+    of SensorDefinition" (Dagster's own copy of a sensor, owners=[]); the README's `dg`
+    commands (Dagster's recommended ones) load the code location without either warning."""
+    env = {**os.environ, "CFI_HOME": str(cfi_home), "CFI_AUTOMATION": "off"}
+    assert _run([str(BIN / "cfi-pipelines"), "seed"], env, tmp_path).returncode == 0
+    refresh = _run([str(BIN / "cfi-pipelines"), "refresh", "stocks"], env, tmp_path)
+    assert refresh.returncode == 0, refresh.stderr[-3000:]
+    check = _run([str(BIN / "dg"), "check", "defs"], env, Path(__file__).parents[2])
+    assert check.returncode == 0, check.stderr[-3000:]
+    for proc in (refresh, check):
+        assert "BetaWarning" not in proc.stderr, proc.stderr[-3000:]
+        assert "SupersessionWarning" not in proc.stderr, proc.stderr[-3000:]

@@ -5,14 +5,17 @@ with both ignored, as such a parent would start it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from cfi_pipelines.devtools.dev import STOP_TIMEOUT_S
 from tests.fixtures.http import free_port
 from tests.fixtures.processes import ignore_stop_signals, stop_process
 
@@ -66,15 +69,36 @@ def test_a_server_started_with_stop_signals_ignored_stops_on_them(tmp_path, comm
         stop_process(proc)
 
 
+def _location_names(url: str) -> list[str]:
+    query = "{ workspaceOrError { ... on Workspace { locationEntries { name } } } }"
+    req = urllib.request.Request(
+        f"{url}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        entries = json.load(resp)["data"]["workspaceOrError"]["locationEntries"]
+    return [e["name"] for e in entries]
+
+
 def test_dev_started_with_stop_signals_ignored_stops_on_sigterm(tmp_path, monkeypatch):
-    """`dev` and the `dagster dev` process group it starts: SIGTERM stops them all, fast."""
+    """`dev` and the Dagster process group it starts: SIGTERM stops them all, fast. On the
+    way: the code location has the one name of workspace.yaml and pyproject.toml (item 15),
+    and nothing warns that a command is superseded or a parameter in beta (item 11)."""
     monkeypatch.setenv("CFI_SFTP_PORT", str(free_port()))
-    proc = _start(["dev", "--port", str(free_port()), "--api-port", "0"], tmp_path)
+    port = free_port()
+    proc = _start(["dev", "--port", str(port), "--api-port", "0"], tmp_path)
     try:
-        _wait_for(proc, "Dagster UI ready at")
+        out = _wait_for(proc, "Dagster UI ready at")
+        assert _location_names(f"http://127.0.0.1:{port}") == ["cfi_pipelines"]
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=STOPS_WITHIN_S * 4) == 0
-        out = proc.stdout.read()
+        # `dev` acts at once ("SIGTERM: stopping …"); Dagster's own orderly shutdown of the
+        # webserver, daemon and code server then takes seconds (7-10 s on a loaded machine),
+        # bounded by dev's kill deadline
+        assert proc.wait(timeout=STOP_TIMEOUT_S + 15) == 0
+        out += proc.stdout.read()
+        assert "SIGTERM: stopping dagster dev" in out
         assert "stopped (dagster dev and the embedded servers)" in out, out[-3000:]
+        assert "SupersessionWarning" not in out and "BetaWarning" not in out, out[-3000:]
     finally:
         stop_process(proc, timeout=30)
