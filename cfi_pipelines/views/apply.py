@@ -44,13 +44,14 @@ from cfi_pipelines.views.load import _begin, _count
 from cfi_pipelines.views.positions import read_positions, write_position
 from cfi_pipelines.views.reconcile import deleted_keys
 from cfi_pipelines.views.result import DEFAULT_MAX_DROP_SHARE, RefreshRefused, RefreshResult
-from cfi_pipelines.views.spec import Dependency, ViewSpec, key_predicate
+from cfi_pipelines.views.spec import Dependency, ViewSpec, key_predicate, keys_per_query
 from cfi_pipelines.views.status import _record_success, _write_closure
 
 log = logging.getLogger(__name__)
 
 KEYS_PER_QUERY = 400
-"""View keys per keyed query or lookup (bound parameters: SQL Server allows 2,100)."""
+"""Values per dimension lookup (bound parameters: SQL Server allows 2,100); keyed queries
+use :func:`~cfi_pipelines.views.spec.keys_per_query` of the dialect."""
 
 
 class NeedsFullRefresh(Exception):
@@ -100,7 +101,7 @@ def affected_keys(
         assert dep is not None and dep.lookup is not None
         ordered = sorted(values)
         for i in range(0, len(ordered), KEYS_PER_QUERY):
-            chunk = ordered[i : i + KEYS_PER_QUERY]
+            chunk = ordered[i : i + KEYS_PER_QUERY]  # products/clients: a few hundred at most
             keys.update(tuple(r) for r in source.execute(dep.lookup, {"values": chunk}))
     return keys, list(gaps.values())
 
@@ -110,27 +111,27 @@ def recompute(spec: ViewSpec, keys: Sequence[tuple], source: sa.Connection) -> l
     params = spec.params()
     rows: list[tuple] = []
     ordered = sorted(keys)
-    for i in range(0, len(ordered), KEYS_PER_QUERY):
-        q = spec.keyed_query(ordered[i : i + KEYS_PER_QUERY], source.dialect.name)
+    step = keys_per_query(source.dialect.name)
+    for i in range(0, len(ordered), step):
+        q = spec.keyed_query(ordered[i : i + step], source.dialect.name)
         rows.extend(tuple(r) for r in source.execute(q, params))
     return rows
 
 
-def _existing(conn: sa.Connection, spec: ViewSpec, keys: Sequence[tuple]) -> set[tuple]:
-    """The ``keys`` the cache holds (unique key index)."""
+def _delete_existing(conn: sa.Connection, spec: ViewSpec, keys: Sequence[tuple]) -> set[tuple]:
+    """Delete the cached rows of ``keys``; the keys the cache held (unique key index)."""
     cols = [spec.table.c[k] for k in spec.key]
     out: set[tuple] = set()
-    for i in range(0, len(keys), KEYS_PER_QUERY):
-        where = key_predicate(cols, keys[i : i + KEYS_PER_QUERY], conn.dialect.name)
-        out.update(tuple(r) for r in conn.execute(sa.select(*cols).where(where)))
+    step = keys_per_query(conn.dialect.name)
+    for i in range(0, len(keys), step):
+        where = key_predicate(cols, keys[i : i + step], conn.dialect.name)
+        if conn.dialect.name in ("postgresql", "sqlite"):
+            found = conn.execute(sa.delete(spec.table).where(where).returning(*cols))
+            out.update(tuple(r) for r in found)
+        else:
+            out.update(tuple(r) for r in conn.execute(sa.select(*cols).where(where)))
+            conn.execute(sa.delete(spec.table).where(where))
     return out
-
-
-def _delete(conn: sa.Connection, spec: ViewSpec, keys: Sequence[tuple]) -> None:
-    cols = [spec.table.c[k] for k in spec.key]
-    for i in range(0, len(keys), KEYS_PER_QUERY):
-        where = key_predicate(cols, keys[i : i + KEYS_PER_QUERY], conn.dialect.name)
-        conn.execute(sa.delete(spec.table).where(where))
 
 
 def apply_batch(
@@ -166,12 +167,11 @@ def apply_batch(
     key_index = [spec.columns.index(k) for k in spec.key]
     returned = {tuple(r[i] for i in key_index) for r in rows}
     with _begin(target) as conn:
-        existing = _existing(conn, spec, ordered) if ordered else set()
-        gone = existing - returned
         count = _count(conn, spec.table) if last_rows is None else last_rows
+        existing = _delete_existing(conn, spec, ordered) if ordered else set()
+        gone = existing - returned
         if gone and not force and len(gone) > max_drop_share * max(count, 1):
-            raise RefreshRefused(spec.name, count - len(gone), count, max_drop_share)
-        _delete(conn, spec, sorted(existing))
+            raise RefreshRefused(spec.name, count - len(gone), count, max_drop_share)  # rolled back
         insert_rows(conn, spec.table, rows, spec.columns)
         _write_closure(conn, closure)
         inserted = len(returned - existing)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from cfi_pipelines.model import cfi_common as common
 from cfi_pipelines.model import cfi_source as src
@@ -33,16 +34,32 @@ Keys = Sequence[tuple]
 def key_predicate(
     columns: Sequence[sa.ColumnElement], keys: Keys, dialect: str | None = None
 ) -> sa.ColumnElement:
-    """``columns`` equal to one of ``keys``: an ``IN`` list for one column; for a composite
-    key a row-value ``IN`` (PostgreSQL, SQLite), or an ``OR`` of ``AND``s where there is
-    none (SQL Server, or ``dialect`` not given); each served by the unique key index."""
+    """``columns`` equal to one of ``keys``, served by the unique key index.
+
+    PostgreSQL: one array parameter per key column (``= ANY``, or a row-value ``IN`` over
+    ``unnest``): a few parameters whatever the number of keys. SQLite: an ``IN`` list (of
+    row values for a composite key). SQL Server, or no ``dialect``: an ``IN`` list, or an
+    ``OR`` of ``AND``s (it has no row-value ``IN``)."""
+    if dialect == "postgresql":
+        arrays = [
+            sa.bindparam(None, [k[i] for k in keys], type_=ARRAY(c.type), unique=True)
+            for i, c in enumerate(columns)
+        ]
+        if len(columns) == 1:
+            return columns[0] == sa.func.any(arrays[0])
+        return sa.tuple_(*columns).in_(sa.select(*(sa.func.unnest(a) for a in arrays)))
     if len(columns) == 1:
         return columns[0].in_([k[0] for k in keys])
-    if dialect in ("postgresql", "sqlite"):
+    if dialect == "sqlite":
         return sa.tuple_(*columns).in_([tuple(k) for k in keys])
     return sa.or_(
         sa.false(), *(sa.and_(*(c == v for c, v in zip(columns, k, strict=True))) for k in keys)
     )
+
+
+def keys_per_query(dialect: str | None) -> int:
+    """How many keys one :func:`key_predicate` should carry on ``dialect``."""
+    return {"postgresql": 20_000, "sqlite": 2_000}.get(dialect or "", 400)
 
 
 def _only(q: sa.Select, column: sa.ColumnElement, keys: Keys | None) -> sa.Select:

@@ -1,6 +1,6 @@
 """PostgreSQL without logical decoding: the server's own counters as the idle gate.
 
-``pg_stat_user_tables`` keeps, per table, the rows inserted, updated (HOT or not) and
+``pg_stat_user_tables`` (its functions, for the followed tables' oids) keeps, per table, the rows inserted, updated (HOT or not) and
 deleted since the statistics were reset. One query on that view (a few hundred catalog
 rows, none of CFI's) says *which* followed tables were written since the last tick,
 whatever their size, silent updates and backdated writes included. It is read in
@@ -24,8 +24,13 @@ import sqlalchemy as sa
 from cfi_pipelines.views.capture.base import Capture, Gate
 
 _COUNTERS = sa.text(
-    "SELECT relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables "
-    "WHERE schemaname = current_schema() AND relname = ANY(:names)"
+    # the functions behind pg_stat_user_tables, for the followed tables only (by oid):
+    # no scan of pg_class for every table of the database
+    "SELECT t.name AS relname, pg_stat_get_tuples_inserted(t.oid) AS n_tup_ins, "
+    "pg_stat_get_tuples_updated(t.oid) AS n_tup_upd, "
+    "pg_stat_get_tuples_deleted(t.oid) AS n_tup_del "
+    "FROM (SELECT n AS name, to_regclass(n)::oid AS oid FROM unnest(CAST(:names AS text[])) n) t "
+    "WHERE t.oid IS NOT NULL"
 )
 
 

@@ -5,10 +5,10 @@ plugin (both named by ``CFI_CAPTURE_SLOT``, default ``cfi_pipelines``). Everythi
 through ordinary SQL on the reading account (it needs the REPLICATION attribute):
 
 - **gate**: one statement, ``pg_logical_slot_peek_binary_changes`` up to the current WAL
-  position. Idle, it decodes only the WAL written since the slot's confirmed position and
-  returns nothing: a few ms, zero rows of CFI's tables read, whatever their size. When
-  the slot holds only irrelevant WAL (other tables, other databases) for more than
-  :data:`ADVANCE_AFTER_BYTES`, the gate moves it forward so that idle ticks stay cheap.
+  (flushed) position. No WAL since the slot's position: nothing is decoded, no table is
+  read. WAL written but nothing for the followed tables in it (other tables, other
+  databases): the same statement moves the slot past it, so the next idle tick decodes
+  nothing again; that tick reads a few hundred catalog rows (decoding start-up).
 - **changes**: the same peek, parsed (:mod:`.pgoutput`): every insert, update and
   delete of the followed tables, with the old row when the table has REPLICA IDENTITY
   FULL (``deploy/sql/postgresql_logical_decoding.sql``). O(changes). Peeking consumes
@@ -54,8 +54,6 @@ GATE_CHANGES = 2_000
 """Row changes the gate decodes at most to name the tables that moved (more: all suspect)."""
 CHANGES_PER_BATCH = 50_000
 """Row changes per :meth:`PgLogicalCapture.changes` call by default (memory bound)."""
-ADVANCE_AFTER_BYTES = 1 << 20
-"""Irrelevant WAL the slot may hold before an idle gate advances it past it."""
 BUSY_RETRIES = 50
 BUSY_PAUSE_S = 0.1
 _OBJECT_IN_USE = "55006"  # "replication slot … is active for PID …"
@@ -65,7 +63,7 @@ _PEEK = (
     ":slot, CAST(:upto AS pg_lsn), :n, 'proto_version', '1', 'publication_names', :pub)"
 )
 _SLOT = sa.text(
-    "SELECT pg_current_wal_lsn()::text AS now, s.confirmed_flush_lsn::text AS confirmed, "
+    "SELECT pg_current_wal_flush_lsn()::text AS now, s.confirmed_flush_lsn::text AS confirmed, "
     "s.wal_status FROM (SELECT 1) one "
     "LEFT JOIN pg_replication_slots s ON s.slot_name = :slot AND s.database = current_database()"
 )
@@ -139,17 +137,23 @@ class PgLogicalCapture(Capture):
     # ------------------------------------------------------------------ interface
 
     def gate(self, since: str | None) -> Gate:
-        """One statement: the current WAL position, the slot's state and its pending changes
-        (peeked, not consumed). Idle: decodes the few WAL bytes since the slot's position."""
+        """One statement: the flushed WAL position, the slot's state, and — only when WAL
+        was written since the slot's position — its pending changes (peeked, not consumed).
+        When they hold nothing for the followed tables, the same statement advances the
+        slot to that position (nothing to lose), so the next idle tick decodes nothing.
+        Idle source: no decoding, no table read."""
         sql = sa.text(
-            "WITH w AS (SELECT pg_current_wal_lsn() AS now), "
-            "s AS (SELECT confirmed_flush_lsn, wal_status FROM pg_replication_slots "
-            "WHERE slot_name = :slot AND database = current_database()) "
-            "SELECT w.now::text AS now, s.confirmed_flush_lsn::text AS confirmed, s.wal_status, "
-            "CASE WHEN s.wal_status <> 'lost' THEN (SELECT array_agg(c.data) "
-            "FROM pg_logical_slot_peek_binary_changes(:slot, w.now, :n, 'proto_version', '1', "
-            "'publication_names', :pub) c) END AS data "
-            "FROM w LEFT JOIN s ON true"
+            "WITH w AS MATERIALIZED (SELECT pg_current_wal_flush_lsn() AS now), "
+            "s AS MATERIALIZED (SELECT confirmed_flush_lsn AS confirmed, wal_status "
+            "FROM pg_replication_slots WHERE slot_name = :slot AND database = current_database()), "
+            "p AS MATERIALIZED (SELECT array_agg(c.data) AS data, count(c.data) AS n "
+            "FROM w JOIN s ON s.wal_status <> 'lost' AND s.confirmed < w.now, "
+            "LATERAL pg_logical_slot_peek_binary_changes(:slot, w.now, :n, 'proto_version', '1', "
+            "'publication_names', :pub) c) "
+            "SELECT w.now::text AS now, s.confirmed::text AS confirmed, s.wal_status, p.data, "
+            "CASE WHEN p.n = 0 AND s.wal_status <> 'lost' AND s.confirmed < w.now "
+            "THEN (SELECT true FROM pg_replication_slot_advance(:slot, w.now)) END AS advanced "
+            "FROM w LEFT JOIN s ON true CROSS JOIN p"
         )
         params = {"slot": self.slot, "n": GATE_CHANGES, "pub": self.publication}
         with self._autocommit() as conn:
@@ -157,24 +161,22 @@ class PgLogicalCapture(Capture):
                 row = conn.execute(sql, params).one()
             except sa.exc.DBAPIError as exc:
                 if _sqlstate(exc) == _OBJECT_IN_USE:
-                    now = conn.exec_driver_sql("SELECT pg_current_wal_lsn()::text").scalar()
+                    now = conn.exec_driver_sql("SELECT pg_current_wal_flush_lsn()::text").scalar()
                     return Gate(now, True, None, "slot busy: an apply is reading it", busy=True)
                 raise
-            if row.confirmed is None or row.wal_status == "lost":
-                why = "missing" if row.confirmed is None else "lost"
-                return Gate(row.now, True, None, f"slot {self.slot} {why}: full refresh needed")
-            txs = parse_messages(row.data or [], {})
-            latest: dict[str, str] = {}
-            floor = lsn_to_int(since) if since else 0
-            for tx in txs:
-                if tx.commit_lsn < floor:
-                    continue
-                for ch in tx.changes:
-                    if ch.relation.name in self._by_name:
-                        latest[ch.relation.name] = int_to_lsn(tx.end_lsn)
-            truncated = sum(len(t.changes) for t in txs) >= GATE_CHANGES
-            if not txs and lsn_to_int(row.now) - lsn_to_int(row.confirmed) > ADVANCE_AFTER_BYTES:
-                self._advance(conn, row.now)  # only irrelevant WAL up to now: nothing to lose
+        if row.confirmed is None or row.wal_status == "lost":
+            why = "missing" if row.confirmed is None else "lost"
+            return Gate(row.now, True, None, f"slot {self.slot} {why}: full refresh needed")
+        txs = parse_messages(row.data or [], {})
+        latest: dict[str, str] = {}
+        floor = lsn_to_int(since) if since else 0
+        for tx in txs:
+            if tx.commit_lsn < floor:
+                continue
+            for ch in tx.changes:
+                if ch.relation.name in self._by_name:
+                    latest[ch.relation.name] = int_to_lsn(tx.end_lsn)
+        truncated = sum(len(t.changes) for t in txs) >= GATE_CHANGES
         if truncated:
             return Gate(row.now, True, None, "many changes pending")
         if latest:
