@@ -65,6 +65,31 @@ def run_failed_alert(job: str, run_id: str, error: str, link: str, scope: str = 
     )
 
 
+def schema_changed_key(table: str) -> str:
+    return f"schema_changed:{table}"
+
+
+def schema_changed_alert(
+    table: str, missing: list[str], views: list[str], link: str | None = None
+) -> Alert:
+    """CFI renamed or dropped what the views read from ``table``: not an outage."""
+    return Alert(
+        key=schema_changed_key(table),
+        title=f"CFI's schema changed: {', '.join(missing)} missing",
+        text=(
+            f"CFI's DB no longer has {', '.join(missing)}, read by the view(s) "
+            f"{', '.join(views)}: their refreshes fail (not an outage: the DB answers). The "
+            "views keep their last data; once one is > 15 min old and 2 refreshes failed, the "
+            "lag sensor serves it from the CFI API (same view contract). Restore the column in "
+            "CFI's DB, or adapt the views' queries (cfi_pipelines/views/spec.py) and deploy. "
+            "`cfi-pipelines doctor` names every difference; the schema check of "
+            f"cfi_source/{table} shows it in the UI."
+        ),
+        link=link,
+        fields={"table": table, "missing": missing, "views": views},
+    )
+
+
 # --------------------------------------------------------------------------- for the exports
 
 

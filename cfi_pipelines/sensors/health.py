@@ -12,7 +12,14 @@ from typing import Any
 import dagster as dg
 
 from cfi_pipelines.alerting.alerter import Alerter
-from cfi_pipelines.alerting.messages import run_failed_alert, view_on_api_alert, view_stale_alert
+from cfi_pipelines.alerting.messages import (
+    run_failed_alert,
+    schema_changed_alert,
+    schema_changed_key,
+    view_on_api_alert,
+    view_stale_alert,
+)
+from cfi_pipelines.assets.sources import schema_check_evaluation
 from cfi_pipelines.clock import utcnow
 from cfi_pipelines.resources.alerter import AlertsResource
 from cfi_pipelines.resources.databases import DatabaseResource
@@ -43,6 +50,48 @@ def _failure_text(context: dg.RunFailureSensorContext) -> str:
         if error is not None:
             lines.append(f"step {ev.step_key}: {error.message.strip()[:600]}")
     return "\n".join(lines)
+
+
+def schema_drift(context: dg.RunFailureSensorContext) -> tuple[dict[str, dict], bool]:
+    """``{table: {"missing": [...], "views": [...]}}`` from the failed steps' ``schema_drift``
+    metadata (a refresh that failed on CFI's schema), and whether *every* failed step was
+    such a failure (then no generic run alert is needed)."""
+    tables: dict[str, dict] = {}
+    only_schema = True
+    for ev in context.get_step_failure_events():
+        user = ev.event_specific_data.user_failure_data if ev.event_specific_data else None
+        drift = (user.metadata or {}).get("schema_drift") if user is not None else None
+        if drift is None:
+            only_schema = False
+            continue
+        for d in drift.value:
+            entry = tables.setdefault(d["table"], {"missing": [], "views": []})
+            what = f"{d['table']}.{d['column']}" if d.get("column") else f"table {d['table']}"
+            entry["missing"] += [what] if what not in entry["missing"] else []
+            entry["views"] += [v for v in d.get("views", []) if v not in entry["views"]]
+    return tables, only_schema and bool(tables)
+
+
+def resolve_schema_episodes(
+    alerter: Alerter, cfi_source: DatabaseResource | None, instance: dg.DagsterInstance
+) -> list[str]:
+    """Close each open schema episode whose table has every column the views read again
+    (catalog reads of those tables only), and report its schema check passed."""
+    from cfi_pipelines.views.schema import compare
+
+    open_tables = [k.split(":", 1)[1] for k in alerter.state.open_keys("schema_changed:")]
+    if not open_tables or cfi_source is None:
+        return []
+    with cfi_source.engine().connect() as conn:
+        still = {d.table for d in compare(conn, tables=open_tables)}
+    closed = []
+    for table in open_tables:
+        if table in still:
+            continue
+        if alerter.resolve(schema_changed_key(table), f"CFI's {table} has every column again."):
+            instance.report_runless_asset_event(schema_check_evaluation(table, []))
+            closed.append(table)
+    return closed
 
 
 def evaluate_view_health(
@@ -93,6 +142,12 @@ def build_alert_sensors() -> list[dg.SensorDefinition]:
             context.log.info(f"{run.job_name} run {run.run_id}: alerted by the export itself")
             return
         alerter = alerts.alerter(context.log)
+        tables, only_schema = schema_drift(context)
+        for table, drift in tables.items():  # at once, one episode per drifted table
+            link = f"{alerter.webserver_url}/assets/cfi_source/{table}"
+            alerter.open(schema_changed_alert(table, drift["missing"], drift["views"], link))
+        if only_schema:
+            return  # the schema alert says it all; a run alert would only repeat it
         alert = run_failed_alert(
             run.job_name,
             run.run_id,
@@ -111,10 +166,17 @@ def build_alert_sensors() -> list[dg.SensorDefinition]:
         description="Send 'recovered' when a job (and scope) that had failed succeeds again.",
     )
     def recover_run_failure_alerts(
-        context: dg.RunStatusSensorContext, alerts: AlertsResource
+        context: dg.RunStatusSensorContext,
+        alerts: AlertsResource,
+        cfi_source: DatabaseResource,
     ) -> None:
         run = context.dagster_run
         alerter = alerts.alerter(context.log)
+        if run.job_name == "refresh_views":  # a refresh went through: schema fixed?
+            try:
+                resolve_schema_episodes(alerter, cfi_source, context.instance)
+            except Exception as exc:  # CFI's DB down now: the next success tries again
+                context.log.warning(f"schema episodes not checked: {type(exc).__name__}: {exc}")
         key = run_failed_alert(run.job_name, run.run_id, "", "", run_scope(run)).key
         alerter.resolve(key, f"Run {run.run_id} succeeded.", link=alerter.run_link(run.run_id))
 

@@ -37,7 +37,8 @@ def run_status_context(sensor, instance, result, event, alerts):
         dagster_event=event,
         dagster_instance=instance,
         dagster_run=result.dagster_run,
-        resources={"alerts": alerts},
+        # no schema episode is open in these tests: the source is never read
+        resources={"alerts": alerts, "cfi_source": DatabaseResource(url="sqlite://")},
     )
 
 
@@ -131,3 +132,58 @@ def test_view_health_sensor_skips_when_the_common_db_is_down(instance):
     )
     result = view_health_alerts(ctx)
     assert "common DB unreachable" in result.skip_message
+
+
+def make_schema_failure_job() -> dg.JobDefinition:
+    @dg.op(name="cfi_common__stocks")
+    def refresh_stocks() -> None:
+        drift = [{"table": "products", "column": "name", "views": ["stocks"]}]
+        raise dg.Failure(
+            description="view stocks: CFI's schema changed: products.name is missing (read by stocks)",
+            metadata={"cause": "schema", "schema_drift": dg.MetadataValue.json(drift)},
+            allow_retries=False,
+        )
+
+    return dg.GraphDefinition(name="refresh_views", node_defs=[refresh_stocks]).to_job()
+
+
+def test_a_schema_change_alerts_at_once_per_table_then_recovers_when_it_matches(
+    instance, http_receiver, sqlite_dbs
+):
+    """Issue 16 item 4: one episode per drifted table, not a generic run failure."""
+    alerts = AlertsResource(webhook_url=http_receiver.url + "/hook")
+    failed = make_schema_failure_job().execute_in_process(instance=instance, raise_on_error=False)
+    ctx = dg.build_run_status_sensor_context(
+        sensor_name=alert_on_run_failure.name,
+        dagster_event=failed.get_run_failure_event(),
+        dagster_instance=instance,
+        dagster_run=failed.dagster_run,
+        resources={"alerts": alerts},
+    )
+    alert_on_run_failure(ctx.for_run_failure())
+    (sent,) = [r.json() for r in http_receiver.requests]
+    assert sent["key"] == "schema_changed:products" and sent["event"] == "alert"
+    assert "products.name" in sent["text"] and "stocks" in sent["text"]
+    assert "CFI API" in sent["text"]  # what happens meanwhile: the fallback
+
+    ok = make_job(False).execute_in_process(instance=instance)  # a refresh that went through
+    success_event = next(
+        e for e in ok.all_events if e.event_type == dg.DagsterEventType.RUN_SUCCESS
+    )
+    recover_run_failure_alerts(
+        dg.build_run_status_sensor_context(
+            sensor_name=recover_run_failure_alerts.name,
+            dagster_event=success_event,
+            dagster_instance=instance,
+            dagster_run=ok.dagster_run,
+            resources={
+                "alerts": alerts,
+                "cfi_source": DatabaseResource(url=sqlite_dbs.source_url),  # matches again
+            },
+        )
+    )
+    events = [(r.json()["key"], r.json()["event"]) for r in http_receiver.requests]
+    assert events == [
+        ("schema_changed:products", "alert"),
+        ("schema_changed:products", "recovered"),
+    ]
