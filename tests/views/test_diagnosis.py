@@ -78,3 +78,23 @@ def test_the_common_db_down_names_its_variable(sqlite_dbs: Databases, tmp_path):
     assert d is not None and d.kind == "common_down"
     assert "check CFI_COMMON_URL (host, port, database, credentials)" in d.message
     assert "\n" not in d.message
+
+
+def test_a_schema_change_falls_back_to_the_cfi_api_like_an_outage(sqlite_dbs: Databases):
+    """The source answers, so the lag sensor's decision rests on the failed refreshes:
+    past 15 min and 2 schema failures, the view is served from the CFI API."""
+    from datetime import timedelta
+
+    from cfi_pipelines.clock import utcnow
+    from cfi_pipelines.sensors.lag import Probe, decide_view
+    from cfi_pipelines.views.refresh import read_status
+
+    refresh_view(get_view("stocks"), sqlite_dbs.source, sqlite_dbs.common)
+    _rename(sqlite_dbs)
+    for _ in range(2):
+        with pytest.raises(DiagnosedFailure):
+            refresh_view(get_view("stocks"), sqlite_dbs.source, sqlite_dbs.common, mode="full")
+    row = read_status(sqlite_dbs.common)["stocks"]
+    later = utcnow() + timedelta(minutes=16)
+    decision = decide_view("stocks", row, source=Probe(True), now=later)
+    assert decision.action == "fallback" and "2 refreshes failed" in decision.reason
