@@ -6,12 +6,14 @@ as a tenant"):
 1. connect as ``cfi_tenant_<id>`` (the policies bind ``current_user`` to the tenant);
 2. ``BEGIN READ ONLY`` and ``SET LOCAL statement_timeout`` (a role default could be
    lifted by the reader; a per-transaction value set by us before its statement
-   cannot be lifted *for that statement*);
+   cannot be lifted *for that statement*, and the transaction ends with it);
 3. the reader's SQL as exactly one ``DECLARE … CURSOR FOR <sql>`` sent through the
    extended protocol: a second stacked statement is refused by the server, and a
    cursor only accepts a query (no ``SET``, ``COPY``, DDL, data-modifying ``WITH``);
 4. one ``FETCH`` of ``max_rows + 1`` rows (the row cap, enforced by the server: a
-   cross join is never materialised on the client), then ``ROLLBACK``.
+   cross join is never materialised on the client), then ``ROLLBACK``;
+
+all five in one pipeline (one network round trip).
 
 Cost: what the reader's query costs, bounded by the time limit; the policy adds one
 indexed lookup of the tenant's subtree per statement.
@@ -24,11 +26,13 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
 from sqlalchemy.engine import make_url
 
 from cfi_pipelines.tenancy.binding import RETRYABLE_SQLSTATES, Refused
 
 CONNECT_TIMEOUT_S = 5
+CURSOR = "cfi_tenant_read"
 
 
 def connect(common_url: str, role: str, password: str) -> psycopg.Connection:
@@ -74,26 +78,37 @@ def refusal(exc: psycopg.Error, timeout_s: float) -> Refused:
 def run(
     conn: psycopg.Connection, sql: str, *, max_rows: int, timeout_s: float
 ) -> tuple[list[str], list[tuple[Any, ...]], bool]:
-    """Run one read on an open tenant connection: ``(columns, rows, truncated)``."""
+    """Run one read on an open tenant connection: ``(columns, rows, truncated)``.
+
+    The five messages (``BEGIN READ ONLY``, the time limit, ``DECLARE``, ``FETCH``,
+    ``ROLLBACK``) go in one pipeline: one round trip, like a plain query's.
+    """
     sql = sql.strip().rstrip(";").strip()
     if not sql:
         raise Refused("empty query")
+    ms = max(1, int(timeout_s * 1000))
+    columns: list[str] = []
     try:
-        conn.rollback()
-        conn.read_only = True
-        conn.execute(
-            "SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_s * 1000)}ms",)
-        )
-        with conn.cursor(name="cfi_tenant_read", scrollable=False) as cur:
-            cur.execute(sql)  # DECLARE … CURSOR FOR <sql>: one statement, queries only
-            rows = cur.fetchmany(max_rows + 1)  # one FETCH: the cap applies server side
-            columns = [d.name for d in cur.description or ()]
+        if conn.info.transaction_status != TransactionStatus.IDLE:
+            conn.rollback()
+        conn.autocommit = True  # the transaction is ours: BEGIN READ ONLY below
+        with conn.pipeline():
+            conn.execute("BEGIN READ ONLY")
+            conn.execute(f"SET LOCAL statement_timeout = {ms}")
+            # one statement through the extended protocol, and a cursor takes a query only
+            conn.execute(f"DECLARE {CURSOR} NO SCROLL CURSOR FOR {sql}")  # type: ignore[arg-type]
+            cur = conn.execute(f"FETCH FORWARD {int(max_rows) + 1} FROM {CURSOR}")  # type: ignore[arg-type]
+            conn.execute("ROLLBACK")
+        rows = cur.fetchall()
+        columns = [d.name for d in cur.description or ()]
     except psycopg.Error as exc:
         raise refusal(exc, timeout_s) from None
+    except ValueError as exc:  # e.g. a NUL character: never sent
+        raise Refused(f"not a valid query: {exc}") from None
     finally:
-        if not conn.closed:
+        if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
             with contextlib.suppress(psycopg.Error):
-                conn.rollback()
+                conn.execute("ROLLBACK")
     return columns, [tuple(r) for r in rows[:max_rows]], len(rows) > max_rows
 
 

@@ -14,7 +14,7 @@ Fail-closed by construction: the closure, not this map, decides what a tenant
 sees, so a role created late only delays a new tenant's first read.
 
 Cost: O(tenants) per call (one read of CFI's tenants and of the map); writes only
-what changed, under an advisory lock so parallel refreshes do not race.
+what changed, under a table lock so parallel refreshes do not race.
 """
 
 from __future__ import annotations
@@ -108,11 +108,14 @@ def sync_tenants(source: Engine, target: Engine, secret: str | None) -> SyncResu
     if _in_sync(want, have, roles, fingerprint, managed):
         return SyncResult(0, 0, 0, 0, managed)
     with write_transaction(target) as conn:
-        if managed:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('cfi_tenants'))"))
+        if conn.dialect.name == "postgresql":
+            # serialises parallel refreshes; a table lock, not an advisory one: tenants
+            # cannot take it (they have SELECT only, and their transactions roll back)
+            conn.exec_driver_sql("LOCK TABLE cfi_tenants IN SHARE ROW EXCLUSIVE MODE")
         have = {r.tenant_id: r for r in conn.execute(sa.select(t))}
+        gone = set(have) - set(want)
         mapped = 0
-        for tid in set(have) - set(want):
+        for tid in gone:
             conn.execute(t.delete().where(t.c.tenant_id == tid))
             mapped += 1
         for tid, (code, role) in want.items():
@@ -125,9 +128,12 @@ def sync_tenants(source: Engine, target: Engine, secret: str | None) -> SyncResu
             elif (old.code, old.role_name) != (code, role):
                 conn.execute(t.update().where(t.c.tenant_id == tid).values(**row))
                 mapped += 1
-        created = passwords = disabled = 0
-        if managed:
-            created, passwords, disabled = _sync_roles(conn, want, have, secret, fingerprint)
+    created = passwords = disabled = 0
+    if managed:  # its own transaction: without CREATEROLE the map above is still written
+        with write_transaction(target) as conn:
+            conn.exec_driver_sql("LOCK TABLE cfi_tenants IN SHARE ROW EXCLUSIVE MODE")
+            have = {r.tenant_id: r for r in conn.execute(sa.select(t))}
+            created, passwords, disabled = _sync_roles(conn, want, have, gone, secret, fingerprint)
     log.info(
         "tenants: %d map rows written, %d roles created, %d passwords set, %d disabled",
         mapped, created, passwords, disabled,
@@ -147,7 +153,7 @@ def _in_sync(want, have, roles, fingerprint, managed) -> bool:
     return True
 
 
-def _sync_roles(conn, want, have, secret, fingerprint) -> tuple[int, int, int]:
+def _sync_roles(conn, want, have, gone_ids, secret, fingerprint) -> tuple[int, int, int]:
     prep = conn.dialect.identifier_preparer
     t = common.cfi_tenants
     roles = _existing_roles(conn, [r for _, r in want.values()])
@@ -175,7 +181,7 @@ def _sync_roles(conn, want, have, secret, fingerprint) -> tuple[int, int, int]:
                 t.update().where(t.c.tenant_id == tid).values(secret_fingerprint=fingerprint)
             )
             passwords += 1
-    gone = [role_name(tid) for tid in set(have) - set(want)]
+    gone = [role_name(tid) for tid in gone_ids]
     disabled = 0
     for role, can_login in _existing_roles(conn, gone).items():
         if can_login:

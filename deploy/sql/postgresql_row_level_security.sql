@@ -81,6 +81,28 @@ BEGIN
 END
 $$;
 
+-- Session advisory locks outlive a reader's rolled-back transaction: a tenant could hold
+-- one for as long as its pooled connection lives. Nothing of MyCfia's uses them.
+DO $$
+DECLARE
+  fn regprocedure;
+  refresher text := (SELECT pg_get_userbyid(relowner) FROM pg_class
+                     WHERE oid = 'cfi_stocks'::regclass);
+BEGIN
+  FOR fn IN
+    SELECT p.oid::regprocedure FROM pg_proc p
+    WHERE p.pronamespace = 'pg_catalog'::regnamespace
+      AND p.proname IN ('pg_advisory_lock', 'pg_advisory_lock_shared', 'pg_try_advisory_lock',
+                        'pg_try_advisory_lock_shared', 'pg_advisory_xact_lock',
+                        'pg_advisory_xact_lock_shared', 'pg_try_advisory_xact_lock',
+                        'pg_try_advisory_xact_lock_shared')
+  LOOP
+    EXECUTE 'REVOKE EXECUTE ON FUNCTION ' || fn::text || ' FROM PUBLIC';
+    EXECUTE 'GRANT EXECUTE ON FUNCTION ' || fn::text || ' TO ' || quote_ident(refresher);
+  END LOOP;
+END
+$$;
+
 -- Row-level security, forced (the owner is not exempt), on the views, the closure
 -- and the role map. The tenant list is computed once per statement (InitPlans:
 -- uncorrelated subqueries), then `tenant_id = ANY (…)` is an index condition on the

@@ -68,6 +68,8 @@ REFUSED = [
     "GRANT cfi_tenant_reader TO cfi_tenant_1",
     "DO $$ BEGIN PERFORM 1; END $$",
     "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    "SELECT pg_advisory_lock(hashtext('cfi_tenants'))",
+    "SELECT pg_try_advisory_xact_lock(1)",
     "SELECT pg_sleep(60)",
     "SELECT set_config('statement_timeout', '0', false), pg_sleep(60)",
     "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r",
