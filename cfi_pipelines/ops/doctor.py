@@ -224,6 +224,8 @@ def check_database(component: str, variable: str, url: str) -> list[Check]:
                 )
             if component == "cfi_source" and conn.dialect.name == "mssql":
                 out.append(check_change_tracking(conn, where))
+            if component == "cfi_source":
+                out.append(check_capture(engine))
             if component == "common":
                 out.extend(check_tenancy(conn))
             conn.rollback()
@@ -240,6 +242,27 @@ def check_database(component: str, variable: str, url: str) -> list[Check]:
         ]
     finally:
         engine.dispose()
+
+
+def check_capture(engine: Engine) -> Check:
+    """``source:capture``: how the change sensor finds CFI's changes here, and why (the
+    mode :func:`cfi_pipelines.views.capture.choose_capture` picks; catalog queries only).
+    WARN when it is not exact: what the DBA would enable is in the line."""
+    from cfi_pipelines.views.capture import choose_capture
+
+    try:
+        capture = choose_capture(engine)
+    except Exception as exc:  # the line must come out whatever the engine says
+        return Check("source:capture", WARN, f"could not choose a capture mode: {_short(exc)}")
+    try:
+        detail = f"{capture.mode}: {capture.why}; guarantees {capture.guarantee}"
+        if capture.exact:
+            return Check("source:capture", OK, detail)
+        if engine.dialect.name == "sqlite":  # the embedded default: nothing to enable
+            return Check("source:capture", OK, detail)
+        return Check("source:capture", WARN, detail, "CFI_SOURCE_URL")
+    finally:
+        capture.close()
 
 
 def check_change_tracking(conn: sa.Connection, where: str) -> Check:
