@@ -101,7 +101,12 @@ def seed(scale: int, seed: int, only: Sequence[str], force: bool) -> int:
 
 
 @cli.command()
-@click.option("--scale", type=click.IntRange(min=1), default=1)
+@click.option(
+    "--scale",
+    type=click.IntRange(min=1),
+    default=1,
+    help="data size when the databases must be seeded: 1 ≈ 10k stock rows, 100 ≈ 1M",
+)
 @_exits
 def demo(scale: int) -> int:
     """Seed if needed, refresh, check, snapshot, export; print a summary."""
@@ -168,7 +173,13 @@ def export(campaign_id: int, force: bool) -> int:
 
 
 @cli.command()
-@click.option("--window-hours", type=click.FloatRange(min=0, min_open=True), default=24.0)
+@click.option(
+    "--window-hours",
+    type=click.FloatRange(min=0, min_open=True),
+    default=24.0,
+    show_default=True,
+    help="how far back the refresh log and the export history are read",
+)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @_exits
 def kpis(window_hours: float, as_json: bool) -> int:

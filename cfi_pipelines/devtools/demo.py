@@ -300,7 +300,7 @@ def run_demo(scale: int = 1) -> int:
                 problems.append(f"campaign {cid} r{rev}: {out.verdict}")
             if (cid, rev) not in settled:
                 _say(
-                    f"      {i}/{len(validated)} campaign {cid} r{rev} ({name[:32]!r}): "
+                    f"      {i}/{len(validated)} campaign {cid} r{rev} ({name!r}): "
                     f"{out.verdict}  ({time.perf_counter() - t0:.1f}s)"
                 )
 

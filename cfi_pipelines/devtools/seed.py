@@ -425,7 +425,7 @@ def seed_all(
     if "source" in only:
         counts = seed_source(source, scale=scale, seed=seed)
         lines.append(
-            f"CFI source DB ({redact(settings.source_url)}): "
+            f"CFI source DB ({redact(settings.source_url)}): {len(counts)} tables: "
             + ", ".join(f"{k} {v}" for k, v in counts.items())
         )
     if "common" in only:

@@ -48,6 +48,7 @@ def test_demo_runs_everything_through_dagster(tmp_path: Path, cfi_home: Path) ->
     for n in range(1, 7):
         assert f"[{n}/6]" in out  # the progress lines
     assert "fake CFI API on http://127.0.0.1:" in out
+    assert "('Invalide: formula in a target email')" in out  # names are not cut (issue 16)
     assert "Traceback" not in proc.stderr and " - dagster - " not in out  # quiet console
 
     # each view with its rows and its two passing checks

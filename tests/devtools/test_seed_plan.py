@@ -76,7 +76,7 @@ def test_seed_refuses_to_wipe_mycfia_history_and_seeds_only_what_it_is_told(
 
     some = _seed("--only", "source", "--only", "common", env=env, cwd=tmp_path)
     assert some.returncode == 0, some.stderr
-    assert "stock_levels 9984" in some.stdout
+    assert "15 tables: tenants 21," in some.stdout and "stock_levels 9984" in some.stdout
     assert "MyCfia" not in some.stdout
     assert _history(mycfia_url) == before  # MyCfia's history kept
     assert "stock_levels" in _tables(env["CFI_SOURCE_URL"])

@@ -213,3 +213,15 @@ def test_dagster_backed_commands_carry_no_beta_or_supersession_warning(tmp_path,
     for proc in (refresh, check):
         assert "BetaWarning" not in proc.stderr, proc.stderr[-3000:]
         assert "SupersessionWarning" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_every_option_of_demo_and_kpis_says_what_it_does(tmp_path):
+    """Issue 16 item 15: `demo --scale` and `kpis --window-hours` had no help text."""
+    for command, option, says in (
+        ("demo", "--scale", "1 ≈ 10k stock rows"),
+        ("kpis", "--window-hours", "how far back"),
+    ):
+        proc = _run([str(BIN / "cfi-pipelines"), command, "--help"], dict(os.environ), tmp_path)
+        assert proc.returncode == 0
+        lines = proc.stdout.split(option, 1)[1].split("\n  -", 1)[0]
+        assert says in " ".join(lines.split()), proc.stdout

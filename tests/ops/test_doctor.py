@@ -284,3 +284,18 @@ def test_a_renamed_source_column_is_named_not_reachable_and_in_place(env, capsys
     detail = _only_failure(checks, "cfi_source", "CFI_SOURCE_URL")["detail"]
     assert "CFI's schema changed: products.name is missing (read by stocks)" in detail
     assert "tables in place" not in detail
+
+
+def test_the_source_line_says_what_each_count_counts(sqlite_dbs):
+    """Issue 16 item 15: seed writes 15 tables, the views read 14, the UI shows 12 cfi_source
+    assets; doctor's line named only "14 tables in place"."""
+    from cfi_pipelines.assets.sources import source_assets
+    from cfi_pipelines.ops.doctor import check_database
+
+    line = check_database("cfi_source", "CFI_SOURCE_URL", sqlite_dbs.source_url)[0]
+    assert line.status == "OK", line
+    assert (
+        f"reachable, 15 of CFI's tables in place; the views read 14 of them and follow "
+        f"{len(source_assets)} for changes (the cfi_source assets)"
+    ) in line.detail
+    assert len(source_assets) == 12
