@@ -10,7 +10,9 @@ from cfi_pipelines.clock import iso_z, utcnow
 from cfi_pipelines.db import engine_for
 from cfi_pipelines.model import mycfia
 from cfi_pipelines.settings import get_settings
+from cfi_pipelines.views.capture import choose_capture
 from cfi_pipelines.views.freshness import format_age, freshness_state, view_age
+from cfi_pipelines.views.positions import read_modes
 from cfi_pipelines.views.refresh import read_status
 from cfi_pipelines.views.spec import VIEWS
 
@@ -29,6 +31,11 @@ def collect_status() -> dict[str, Any]:
     except sa.exc.SQLAlchemyError as exc:
         status = {}
         out["problems"].append(f"common DB unreachable: {type(exc).__name__}")
+    out["capture"] = capture_summary(s.source_url)
+    try:
+        positions = read_modes(engine_for(s.common_url))
+    except sa.exc.SQLAlchemyError:
+        positions = {}
     for spec in VIEWS:
         row = status.get(spec.name) or {}
         age = view_age(row, now)
@@ -44,6 +51,7 @@ def collect_status() -> dict[str, Any]:
                 "freshness": state,
                 "consecutive_failures": row.get("consecutive_failures") or 0,
                 "error": row.get("error"),
+                "capture_position": (positions.get(spec.name) or ("", None))[1],
             }
         )
         if state == "ERROR":
@@ -103,6 +111,24 @@ def _error_lines(label: str, error: str | None, indent: str = "    ") -> list[st
     return [f"{indent}{label}:", *(f"{indent}  {line}" for line in text)]
 
 
+def capture_summary(source_url: str) -> dict[str, Any]:
+    """How CFI's changes are found (:func:`cfi_pipelines.views.capture.choose_capture`:
+    a few catalog queries on the source, no table read), or why it is unknown."""
+    try:
+        capture = choose_capture(engine_for(source_url))
+    except Exception as exc:  # the source down must not hide the rest of the report
+        return {"mode": None, "error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
+    try:
+        return {
+            "mode": capture.mode,
+            "exact": capture.exact,
+            "why": capture.why,
+            "guarantee": capture.guarantee,
+        }
+    finally:
+        capture.close()
+
+
 def format_status(st: dict[str, Any]) -> list[str]:
     """The human-readable lines of :func:`collect_status`'s report."""
     lines = [f"{'view':<11} {'rows':>9} {'source':<8} {'freshness':<9} age"]
@@ -117,6 +143,11 @@ def format_status(st: dict[str, Any]) -> list[str]:
         )
         if len(error) > 1:
             lines += _error_lines("last error", v["error"], indent="  ")
+    cap = st.get("capture") or {}
+    if cap.get("mode"):
+        lines.append(f"capture: {cap['mode']} ({cap['why']}); guarantees {cap['guarantee']}")
+    else:
+        lines.append(f"capture: unknown ({cap.get('error') or 'not probed'})")
     if st.get("exports_error"):
         lines.append(f"exports: {st['exports_error']}")
     else:

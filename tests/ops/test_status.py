@@ -62,6 +62,9 @@ def test_status_names_the_campaigns_with_whole_errors(sqlite_dbs: Databases, cfi
     text = "\n".join(format_status(st))
     assert "failed: 7 r1" in text and "pending: 6 r2" in text and "rejected: 8 r3" in text
     assert "`cfi-pipelines export 7 --force`." in text
+    # how changes are found, and what that proves, in one line
+    assert st["capture"]["mode"] == "sqlite_data_version" and not st["capture"]["exact"]
+    assert "capture: sqlite_data_version (embedded SQLite" in text and "updated_at" in text
 
 
 def test_status_json_through_the_cli(sqlite_dbs: Databases, cfi_home: Path, capsys):
