@@ -125,6 +125,24 @@ def _sqlite_path(engine: Engine) -> str | None:
     return None
 
 
+def _binary_select(sql: str, columns: list[sa.Column], dialect: sa.Dialect) -> str:
+    """``sql`` with each column cast to the staging column's type: binary COPY needs the
+    exact type on both sides (an int4 is not an int8 there). Casts drop the length and
+    precision (``varchar``, ``numeric``): a cast to ``varchar(n)`` would truncate silently,
+    while the staging column checks them on receive, as it does for text."""
+
+    def base(t: sa.types.TypeEngine) -> str:
+        if isinstance(t, sa.String):
+            return "varchar"
+        if isinstance(t, sa.Numeric) and not isinstance(t, sa.Float):
+            return "numeric"
+        return t.compile(dialect=dialect)
+
+    q = dialect.identifier_preparer.quote
+    casts = ", ".join(f"CAST(q.{q(c.name)} AS {base(c.type)}) AS {q(c.name)}" for c in columns)
+    return f"SELECT {casts} FROM ({sql}) AS q"
+
+
 def source_loader(
     spec: ViewSpec,
     source: Engine,
@@ -171,7 +189,8 @@ def source_loader(
         return load
 
     if source.dialect.name == "postgresql" and target.dialect.name == "postgresql":
-        # PostgreSQL -> PostgreSQL: COPY TO STDOUT streamed into COPY FROM STDIN.
+        # PostgreSQL -> PostgreSQL: COPY TO STDOUT streamed into COPY FROM STDIN, in the
+        # binary format (no numbers or timestamps printed then parsed again).
         sql = str(
             query.params(**params).compile(
                 dialect=source.dialect, compile_kwargs={"literal_binds": True}
@@ -182,25 +201,21 @@ def source_loader(
             prep = target.dialect.identifier_preparer
             col_list = ", ".join(prep.quote(c) for c in cols)
             name = prep.format_table(staging)
+            typed = _binary_select(sql, [staging.c[c] for c in cols], target.dialect)
             with source.connect() as sconn, write_transaction(target) as tconn:
                 s_raw = sconn.connection.driver_connection
                 t_raw = tconn.connection.driver_connection
                 if freeze:  # FREEZE needs the table emptied in the COPY's own transaction
                     tconn.exec_driver_sql(f"TRUNCATE {name}")
-                with (
-                    s_raw.cursor() as scur,
-                    t_raw.cursor() as tcur,
-                    scur.copy(f"COPY ({sql}) TO STDOUT") as out,
-                    tcur.copy(
-                        f"COPY {name} ({col_list}) FROM STDIN{' (FREEZE)' if freeze else ''}"
-                    ) as into,
-                ):
-                    rows = 0
-                    for block in out:
-                        # text format: one unescaped newline per row (embedded ones are \n)
-                        rows += bytes(block).count(b"\n")
-                        into.write(block)
-                return rows
+                options = "FORMAT BINARY, FREEZE" if freeze else "FORMAT BINARY"
+                with s_raw.cursor() as scur, t_raw.cursor() as tcur:
+                    with (
+                        scur.copy(f"COPY ({typed}) TO STDOUT (FORMAT BINARY)") as out,
+                        tcur.copy(f"COPY {name} ({col_list}) FROM STDIN ({options})") as into,
+                    ):
+                        for block in out:
+                            into.write(block)
+                    return tcur.rowcount  # "COPY n"
 
         return load
 

@@ -244,6 +244,25 @@ def _swap_with_retries(
     raise AssertionError("unreachable")
 
 
+def _build_indexes(target: Engine, spec: ViewSpec, staging: sa.Table, token: str) -> None:
+    """The view's indexes on the loaded staging table, and its statistics. O(table)."""
+    dialect = target.dialect.name
+    with _begin(target) as conn:
+        for ix in _index_statements(spec, staging, token):
+            ix.create(conn)
+        if dialect == "sqlite":
+            # Sample ~1000 rows per index instead of reading every index in full
+            # (0.35 s at 1M rows): the planner needs orders of magnitude only.
+            conn.exec_driver_sql("PRAGMA analysis_limit = 1000")
+        if sql := _analyze_sql(dialect, staging, target.dialect.identifier_preparer):
+            conn.exec_driver_sql(sql)
+
+
+def _drop_table(target: Engine, name: str) -> None:
+    with _begin(target) as conn:
+        conn.exec_driver_sql(f"DROP TABLE {target.dialect.identifier_preparer.quote(name)}")
+
+
 def swap_in(
     spec: ViewSpec,
     target: Engine,
@@ -288,15 +307,7 @@ def swap_in(
             )
     try:
         loaded = loader(staging)
-        with _begin(target) as conn:
-            for ix in _index_statements(spec, staging, token):
-                ix.create(conn)
-            if dialect == "sqlite":
-                # Sample ~1000 rows per index instead of reading every index in full
-                # (0.35 s at 1M rows): the planner needs orders of magnitude only.
-                conn.exec_driver_sql("PRAGMA analysis_limit = 1000")
-            if sql := _analyze_sql(dialect, staging, prep):
-                conn.exec_driver_sql(sql)
+        _build_indexes(target, spec, staging, token)
         with target.connect() as conn:
             live_exists = _table_exists(conn, live.name)
             live_rows = _count(conn, live) if live_exists else 0
@@ -354,9 +365,7 @@ def swap_in(
 
         result = _swap_with_retries(spec, target, (live.name, staging.name), swap_transaction)
         if live_exists:
-            # Dropped after the commit: a big DROP must not lengthen the swap.
-            with _begin(target) as conn:
-                conn.exec_driver_sql(f"DROP TABLE {prep.quote(old_name)}")
+            _drop_table(target, old_name)  # after the commit: a big DROP must not lengthen the swap
         return result
     except BaseException:
         with _begin(target) as conn:
