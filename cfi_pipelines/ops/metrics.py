@@ -165,6 +165,7 @@ class MetricsConfig:
     sftp_host: str | None = None
     sftp_port: int = 22
     probe_tenant: int | None = None
+    capture_slot: str = "cfi_pipelines"
 
     @classmethod
     def from_settings(cls, probe_tenant: int | None = None) -> MetricsConfig:
@@ -177,6 +178,7 @@ class MetricsConfig:
             sftp_host="127.0.0.1" if s.local else s.sftp_host,
             sftp_port=s.dev_sftp_port if s.local else s.sftp_port,
             probe_tenant=probe_tenant,
+            capture_slot=s.capture_slot,
         )
 
 
@@ -234,7 +236,7 @@ class CfiCollector(Collector):
         sections: list[tuple[str, str | None, Callable[[Engine], list[Metric]]]] = [
             ("common", self.config.common_url, self._common),
             ("mycfia", self.config.mycfia_url, self._mycfia),
-            ("source", self.config.source_url, self._ping),
+            ("source", self.config.source_url, self._source),
         ]
         for db, url, read in sections:
             if url is None:
@@ -264,6 +266,38 @@ class CfiCollector(Collector):
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
         return []
+
+    def _source(self, engine: Engine) -> list[Metric]:
+        """CFI's source answers; on PostgreSQL, the WAL its logical replication slot keeps
+        (``CFI_CAPTURE_SLOT``; nothing when there is no slot): one catalog view read."""
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            if conn.dialect.name != "postgresql":
+                return []
+            row = conn.execute(
+                sa.text(
+                    "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint AS retained, wal_status "
+                    "FROM pg_replication_slots WHERE slot_name = :s"
+                ),
+                {"s": self.config.capture_slot},
+            ).first()
+        if row is None:
+            return []
+        retained = GaugeMetricFamily(
+            "cfi_capture_slot_retained_wal_bytes",
+            "WAL CFI's source server keeps for the change capture's logical replication slot "
+            "(pg_current_wal_lsn() - restart_lsn).",
+            labels=["slot"],
+        )
+        retained.add_metric([self.config.capture_slot], float(row.retained or 0))
+        lost = GaugeMetricFamily(
+            "cfi_capture_slot_lost",
+            "1 when the change capture's slot was invalidated (wal_status lost): the views get "
+            "a full refresh and a new slot.",
+            labels=["slot"],
+        )
+        lost.add_metric([self.config.capture_slot], 1.0 if row.wal_status == "lost" else 0.0)
+        return [retained, lost]
 
     def _common(self, engine: Engine) -> list[Metric]:
         now = self.now()
