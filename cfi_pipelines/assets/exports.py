@@ -22,12 +22,23 @@ import random
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Any
 
 import dagster as dg
 import sqlalchemy as sa
 
-from cfi_pipelines.alerting import messages as alerting
+from cfi_pipelines.assets.export_events import (
+    DELIVERY_KEY,
+    FILES_KEY,
+    check_description,
+    check_metadata,
+    delivery_metadata,
+    files_metadata,
+    rejected_observations,
+    report_delivered,
+    report_final_failure,
+    report_rejected,
+    resend_failed_observation,
+)
 from cfi_pipelines.exports.campaign import (
     DeliveryOutcome,
     NotDeliverable,
@@ -36,7 +47,6 @@ from cfi_pipelines.exports.campaign import (
     build_campaign,
     deliver_campaign,
 )
-from cfi_pipelines.exports.document import ExportBundle
 from cfi_pipelines.exports.errors import CampaignNotExportable
 from cfi_pipelines.exports.records import latest_export
 from cfi_pipelines.resources.alerter import AlertsResource
@@ -47,8 +57,6 @@ from cfi_pipelines.settings import get_settings
 campaigns_partitions = dg.DynamicPartitionsDefinition(name="campaigns")
 """Partition key = MyCfia campaign id."""
 
-FILES_KEY = dg.AssetKey(["cfi_export", "campaign_files"])
-DELIVERY_KEY = dg.AssetKey(["cfi_export", "campaign_delivery"])
 CHECK_NAME = "valid_against_schema"
 GROUP = "cfi_export"
 """One name: the asset group is the key prefix."""
@@ -80,103 +88,6 @@ def _campaign_id(context: dg.AssetExecutionContext) -> int:
     return int(key)
 
 
-def _alert(context: dg.AssetExecutionContext, what: str, send: Any, *args: Any, **kw: Any) -> None:
-    # Alerting must never change the outcome of the export it reports on.
-    try:
-        send(*args, **kw)
-    except Exception as exc:
-        context.log.error(f"could not alert ({what}): {type(exc).__name__}: {exc}")
-
-
-def _files_metadata(bundle: ExportBundle) -> dict[str, Any]:
-    meta: dict[str, Any] = {
-        "campaign_id": bundle.campaign_id,
-        "revision": bundle.revision,
-        "tenant_code": bundle.tenant_code,
-        "rows": dg.MetadataValue.int(bundle.row_count),
-    }
-    for kind, info in bundle.files.items():
-        meta[f"{kind}_bytes"] = dg.MetadataValue.int(info["bytes"])
-        meta[f"{kind}_sha256"] = info["sha256"]
-    if bundle.directory is not None:
-        meta["outbox"] = dg.MetadataValue.path(str(bundle.directory))
-    return meta
-
-
-def _check_description(bundle: ExportBundle) -> str | None:
-    return None if bundle.valid else bundle.error_text(limit=10)
-
-
-def _check_metadata(bundle: ExportBundle, partition: str) -> dict[str, Any]:
-    return {
-        "campaign_id": bundle.campaign_id,
-        "partition": partition,
-        "revision": bundle.revision,
-        "error_count": dg.MetadataValue.int(bundle.error_count),
-        "errors": dg.MetadataValue.json(
-            [{"pointer": e.pointer, "message": e.message} for e in bundle.errors]
-        ),
-    }
-
-
-def _rejected_observations(bundle: ExportBundle, partition: str) -> list[dg.AssetObservation]:
-    """The reason a rejected partition is grey, on both assets (the UI's partition view)."""
-    reason = bundle.error_text(limit=10)
-    return [
-        dg.AssetObservation(
-            key,
-            partition=partition,
-            description=f"rejected by validation: {what}",
-            metadata={
-                "status": "rejected",
-                "revision": bundle.revision,
-                "error_count": dg.MetadataValue.int(bundle.error_count),
-                "reason": reason,
-            },
-        )
-        for key, what in (
-            (FILES_KEY, "the export does not match the JSON Schema"),
-            (DELIVERY_KEY, "not delivered (nothing is sent for an invalid campaign)"),
-        )
-    ]
-
-
-def _resend_failed_observation(outcome: DeliveryOutcome, partition: str) -> dg.AssetObservation:
-    return dg.AssetObservation(
-        DELIVERY_KEY,
-        partition=partition,
-        description="re-send failed; the revision stays delivered (its files are on the drop)",
-        metadata={
-            "status": "resend_failed",
-            "revision": outcome.revision,
-            "reason": outcome.message,
-        },
-    )
-
-
-def _report_rejected(
-    context: dg.OpExecutionContext, alerts: AlertsResource, bundle: ExportBundle
-) -> None:
-    """Log and alert a rejected campaign (once per revision: the alerter keeps the episode)."""
-    context.log.error(
-        f"campaign {bundle.campaign_id} r{bundle.revision} rejected:\n{bundle.error_text()}"
-    )
-    reasons = [str(e) for e in bundle.errors[:20]]
-    if bundle.error_count > len(reasons):
-        reasons.append(f"... and {bundle.error_count - len(reasons)} more (see the run)")
-    _alert(
-        context,
-        "campaign rejected",
-        alerting.alert_campaign_rejected,
-        bundle.campaign_id,
-        bundle.revision,
-        reasons,
-        tenant=bundle.tenant_code or None,
-        run_id=context.run.run_id,
-        alerter=alerts.alerter(context.log),
-    )
-
-
 @dg.asset(
     key=FILES_KEY,
     partitions_def=campaigns_partitions,
@@ -206,15 +117,15 @@ def campaign_files(
         check_name=CHECK_NAME,
         passed=bundle.valid,
         severity=dg.AssetCheckSeverity.ERROR,
-        description=_check_description(bundle),
-        metadata=_check_metadata(bundle, context.partition_key),
+        description=check_description(bundle),
+        metadata=check_metadata(bundle, context.partition_key),
     )
     if not bundle.valid:
-        _report_rejected(context, alerts, bundle)
+        report_rejected(context, alerts, bundle)
         yield check
-        yield from _rejected_observations(bundle, context.partition_key)
+        yield from rejected_observations(bundle, context.partition_key)
         return
-    meta = _files_metadata(bundle)
+    meta = files_metadata(bundle)
     meta["status"] = "pending"
     yield dg.MaterializeResult(metadata=meta, check_results=[check])
 
@@ -281,11 +192,11 @@ def campaign_delivery(
             f"{outcome.message} The re-send failed; campaign {campaign_id} r{outcome.revision} "
             "stays delivered: the files of its earlier delivery are on the drop."
         )
-        yield _resend_failed_observation(outcome, context.partition_key)
+        yield resend_failed_observation(outcome, context.partition_key)
         return
     if not outcome.delivered:
         if outcome.final_failure:
-            _report_final_failure(context, alerter, outcome, attempt)
+            report_final_failure(context, alerter, outcome, attempt)
         raise dg.Failure(
             outcome.message + (" (will retry)" if outcome.retry else ""),
             metadata={
@@ -297,61 +208,8 @@ def campaign_delivery(
             },
             allow_retries=outcome.retry,
         )
-    _report_delivered(context, alerter, outcome)
-    yield dg.MaterializeResult(metadata=_delivery_metadata(outcome, attempt))
-
-
-def _report_delivered(
-    context: dg.OpExecutionContext, alerter: Any, outcome: DeliveryOutcome
-) -> None:
-    """Log the delivery and close the campaign's alert episode, if one was open."""
-    context.log.info(outcome.message)
-    _alert(
-        context,
-        "recovered",
-        alerting.resolve_export,
-        outcome.campaign_id,
-        outcome.revision,
-        alerter=alerter,
-    )
-
-
-def _report_final_failure(
-    context: dg.OpExecutionContext, alerter: Any, outcome: DeliveryOutcome, attempt: int
-) -> None:
-    _alert(
-        context,
-        "export failed",
-        alerting.alert_export_failed,
-        outcome.campaign_id,
-        outcome.revision,
-        outcome.message,
-        tenant=outcome.bundle.tenant_code if outcome.bundle else None,
-        attempts=attempt,
-        run_id=context.run.run_id,
-        alerter=alerter,
-    )
-
-
-def _delivery_metadata(outcome: DeliveryOutcome, attempt: int) -> dict[str, Any]:
-    bundle, delivery = outcome.bundle, outcome.delivery
-    assert bundle is not None and delivery is not None
-    meta: dict[str, Any] = {
-        "campaign_id": outcome.campaign_id,
-        "revision": outcome.revision,
-        "tenant_code": bundle.tenant_code,
-        "attempts": dg.MetadataValue.int(attempt),
-        "bytes": dg.MetadataValue.int(delivery.bytes),
-        "upload_seconds": dg.MetadataValue.float(delivery.seconds),
-        "json_sha256": bundle.files["json"]["sha256"],
-        "csv_sha256": bundle.files["csv"]["sha256"],
-        "rows": dg.MetadataValue.int(bundle.row_count),
-        "write_size": dg.MetadataValue.int(outcome.write_size or 0),
-    }
-    meta.update({f"remote_{k}": v for k, v in delivery.remote_paths.items()})
-    if outcome.seconds_from_validation is not None:
-        meta["seconds_from_validation"] = dg.MetadataValue.float(outcome.seconds_from_validation)
-    return meta
+    report_delivered(context, alerter, outcome)
+    yield dg.MaterializeResult(metadata=delivery_metadata(outcome, attempt))
 
 
 export_assets = [campaign_files, campaign_delivery]
@@ -469,7 +327,7 @@ def export_campaign_batch(
                 counts["failed"] += 1
                 continue
             if bundle.valid:
-                files_meta = _files_metadata(bundle)
+                files_meta = files_metadata(bundle)
                 files_meta["status"] = "pending"
                 yield dg.AssetMaterialization(FILES_KEY, partition=partition, metadata=files_meta)
             yield dg.AssetCheckEvaluation(
@@ -477,13 +335,13 @@ def export_campaign_batch(
                 check_name=CHECK_NAME,
                 passed=bundle.valid,
                 severity=dg.AssetCheckSeverity.ERROR,
-                description=_check_description(bundle),
-                metadata=_check_metadata(bundle, partition),
+                description=check_description(bundle),
+                metadata=check_metadata(bundle, partition),
                 partition=partition,
             )
             if not bundle.valid:
-                _report_rejected(context, alerts, bundle)
-                yield from _rejected_observations(bundle, partition)
+                report_rejected(context, alerts, bundle)
+                yield from rejected_observations(bundle, partition)
                 counts["rejected"] += 1
                 continue
             try:
@@ -502,7 +360,7 @@ def export_campaign_batch(
                 continue
             if outcome.resend_failed:  # stays delivered (green): said, not red
                 context.log.error(f"{outcome.message} (re-send; the revision stays delivered)")
-                yield _resend_failed_observation(outcome, partition)
+                yield resend_failed_observation(outcome, partition)
                 problems[campaign_id] = outcome.message
                 counts["failed"] += 1
                 continue
@@ -512,7 +370,7 @@ def export_campaign_batch(
                 counts["failed"] += 1
                 _mark_delivery_failed(context, partition)
                 if outcome.final_failure:
-                    _report_final_failure(context, alerter, outcome, attempts)
+                    report_final_failure(context, alerter, outcome, attempts)
                 if shared.open_error is not None and not shared.gave_up:
                     # the server could not be reached on any attempt: the others would
                     # wait as long for nothing; they are recorded failed now, re-tried later
@@ -523,9 +381,9 @@ def export_campaign_batch(
                     )
                 continue
             counts["delivered"] += 1
-            _report_delivered(context, alerter, outcome)
+            report_delivered(context, alerter, outcome)
             yield dg.AssetMaterialization(
-                DELIVERY_KEY, partition=partition, metadata=_delivery_metadata(outcome, attempts)
+                DELIVERY_KEY, partition=partition, metadata=delivery_metadata(outcome, attempts)
             )
     finally:
         shared.close()
