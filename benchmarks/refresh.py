@@ -462,16 +462,54 @@ CHILDREN = {
 }
 
 
+SERVER_PID: int | None = None
+"""The benchmark's PostgreSQL postmaster, whose CPU (and its children's) is measured."""
+
+
+def _server_cpu_s() -> float:
+    """CPU seconds of the PostgreSQL server so far: the postmaster, the backends it has
+    reaped (cutime/cstime) and the ones alive (Linux /proc). 0 without a server."""
+    if SERVER_PID is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def fields(pid: str) -> list[str] | None:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        return text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+
+    root = fields(str(SERVER_PID)) or []
+    total = sum(int(x) for x in root[11:15]) if root else 0  # utime stime cutime cstime
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        f = fields(pid)
+        if f and f[1] == str(SERVER_PID):  # ppid
+            total += sum(int(x) for x in f[11:15])
+    return total / tick
+
+
 def run_child(name: str, source: str, target: str) -> dict:
-    """Run measurement ``name`` in a fresh interpreter; its {seconds, rows, rss_mb, steps}."""
+    """Run measurement ``name`` in a fresh interpreter; its {seconds, rows, rss_mb, steps,
+    cpu_s}. ``cpu_s``: CPU seconds of the child (and what it ran, e.g. sling) plus the
+    PostgreSQL server's over the whole child, start-up included: on a shared machine
+    it moves far less than the wall-clock time."""
+    import resource
+
+    server0 = _server_cpu_s()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         [sys.executable, __file__, "--child", name, "--source", source, "--target", target],
         capture_output=True,
         text=True,
     )
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"measurement {name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    client = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    out["cpu_s"] = client + _server_cpu_s() - server0
+    return out
 
 
 # --------------------------------------------------------------------------- setup
@@ -531,7 +569,9 @@ def postgres_databases(stack: ExitStack, scale: int) -> Databases:
 
     from cfi_pipelines.devtools.postgres import PASSWORD, SUPERUSER, TempPostgres
 
+    global SERVER_PID
     pg = stack.enter_context(TempPostgres())
+    SERVER_PID = int((pg.root / "data" / "postmaster.pid").read_text().split()[0])
     source, scratch = pg.create_database("cfi_source"), pg.create_database("cfi_scratch")
     _seed(source, scale)
 
@@ -587,6 +627,7 @@ def measure(
         runs = [run_child(child, dbs.source, target) for _ in range(times)]
         r = dict(runs[-1])
         r["seconds"] = _median([x["seconds"] for x in runs])
+        r["cpu_s"] = _median([x["cpu_s"] for x in runs])
         r["rss_mb"] = max(x["rss_mb"] for x in runs)
         r["all"] = [round(x["seconds"], 3) for x in runs]
         if runs[-1].get("steps"):  # median per step
@@ -599,7 +640,7 @@ def measure(
         spread = f"  runs {r['all']}" if times > 1 else ""
         print(
             f"  {label:<24} {r['seconds']:8.2f} s {rate:>12,.0f} rows/s "
-            f"{r['rss_mb']:7.1f} MB  ({r['rows']:,} rows){spread}",
+            f"{r['rss_mb']:7.1f} MB  cpu {r['cpu_s']:6.2f} s  ({r['rows']:,} rows){spread}",
             flush=True,
         )
 
@@ -638,6 +679,7 @@ def measure(
     for label, runs in incr.items():
         r = dict(runs[-1])
         r["seconds"] = _median([x["seconds"] for x in runs])
+        r["cpu_s"] = _median([x["cpu_s"] for x in runs])
         r["rss_mb"] = max(x["rss_mb"] for x in runs)
         r["all"] = [round(x["seconds"], 3) for x in runs]
         if runs[-1].get("steps"):
@@ -679,6 +721,16 @@ def ratios(r: dict[str, dict]) -> dict[str, float | None]:
         "best peer/ours full": peer_full / full if peer_full else None,
         "best peer/ours incr": peer_incr / incr if peer_incr else None,
         "rss_mb": ours_rss,
+        **(
+            {
+                "cpu: ours/((b)+idx)": r["ours full, populated"]["cpu_s"]
+                / r["(b) + view's indexes"]["cpu_s"],
+                "cpu: sling/ours full": r["sling full-refresh"]["cpu_s"]
+                / r["ours full, populated"]["cpu_s"],
+            }
+            if "sling full-refresh" in r and r["(b) + view's indexes"]["cpu_s"] > 0
+            else {}
+        ),
     }
 
 
@@ -710,11 +762,13 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
         "best peer/ours full": ("{:.1f}x", "≥ 2", lambda v: v >= TARGETS["peer/ours"]),
         "best peer/ours incr": ("{:.1f}x", "≥ 2", lambda v: v >= TARGETS["peer/ours"]),
         "rss_mb": ("{:.0f} MB", "< 150 MB", lambda v: v < TARGETS["rss_mb"]),
+        "cpu: ours/((b)+idx)": ("{:.2f}x", "info", None),
+        "cpu: sling/ours full": ("{:.1f}x", "info", None),
     }.items():
         label = f"{name} ({target})"
         cells = ""
         for b in backends:
-            v = computed[b][name]
+            v = computed[b].get(name)
             if v is None:
                 cells += f" | {'n/a':>24}"
                 continue

@@ -48,6 +48,9 @@ while the rename waits queue behind it, so this is also the longest they stall."
 SWAP_LOCK_ATTEMPTS = 5
 SWAP_RETRY_PAUSE_S = 0.2
 """Pause after the n-th failed attempt: n times this (readers run meanwhile)."""
+PG_INDEX_BUILD_MEMORY = "256MB"
+"""``maintenance_work_mem`` of the index builds of a full refresh (PostgreSQL; server
+memory, for the build's transaction only; the default 64MB spills a 1M-row key sort)."""
 AUTOVACUUM_MARGIN_MS = 300
 """When autovacuum alone held the lock, the next attempt waits deadlock_timeout plus
 this: PostgreSQL cancels an autovacuum that blocks a waiter for deadlock_timeout (1 s
@@ -248,6 +251,9 @@ def _build_indexes(target: Engine, spec: ViewSpec, staging: sa.Table, token: str
     """The view's indexes on the loaded staging table, and its statistics. O(table)."""
     dialect = target.dialect.name
     with _begin(target) as conn:
+        if dialect == "postgresql":
+            # each build sorts its keys in memory instead of spilling sorted runs to disk
+            conn.exec_driver_sql(f"SET LOCAL maintenance_work_mem = '{PG_INDEX_BUILD_MEMORY}'")
         for ix in _index_statements(spec, staging, token):
             ix.create(conn)
         if dialect == "sqlite":

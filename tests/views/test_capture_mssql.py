@@ -383,3 +383,13 @@ def test_selftest_round_trip_is_skipped_where_change_tracking_is_off():
     engine = Scripted([(GATE_SQL, [{"v": None}])])
     ok, detail = change_tracking_roundtrip(engine, "cfi_selftest_x_ct")  # type: ignore[arg-type]
     assert ok and detail.startswith("skipped: Change Tracking is off")
+
+
+def test_capture_for_picks_change_tracking_when_the_dba_script_was_run():
+    from cfi_pipelines.views.capture.mssql import change_tracking_capture
+
+    chosen = change_tracking_capture(Scripted([("HAS_PERMS_BY_NAME", catalog_row())]), FOLLOWED)  # type: ignore[arg-type]
+    assert chosen.mode == "mssql_ct" and chosen.exact
+    missing = Scripted([("HAS_PERMS_BY_NAME", catalog_row(untracked=("payments",)))])
+    with pytest.raises(CaptureUnavailable, match="payments.*sqlserver_change_tracking.sql"):
+        change_tracking_capture(missing, FOLLOWED)  # type: ignore[arg-type]

@@ -342,3 +342,17 @@ def change_tracking_problems(conn: sa.Connection, tables: Sequence[sa.Table]) ->
     if denied:
         problems.append(f"VIEW CHANGE TRACKING not granted on {', '.join(denied)}")
     return problems
+
+
+def change_tracking_capture(engine: sa.Engine, tables: Sequence[sa.Table]) -> MssqlChangeTracking:
+    """The Change Tracking capture of ``engine`` (what ``capture_for`` picks on SQL Server),
+    after checking the DBA script was run; :class:`CaptureUnavailable` naming what is
+    missing otherwise (the caller falls back to the timestamp path). O(1)."""
+    with engine.connect() as conn:
+        problems = change_tracking_problems(conn, tables)
+        conn.rollback()
+    if problems:
+        raise CaptureUnavailable("; ".join(problems) + f": have CFI's DBA run {DBA_SCRIPT}")
+    return MssqlChangeTracking(
+        engine, tables, why="Change Tracking on the database and every followed table"
+    )
