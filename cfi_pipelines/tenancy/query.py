@@ -102,5 +102,6 @@ def report(
     for row in r.rows:
         click.echo("\t".join(_cell(v) for v in row))
     more = f", truncated at --max-rows {max_rows}" if r.truncated else ""
-    click.echo(f"({len(r.rows)} rows as {r.tenant_code}, tenant {r.tenant_id}{more})", err=True)
+    rows = f"{len(r.rows)} row{'' if len(r.rows) == 1 else 's'}"
+    click.echo(f"({rows} as {r.tenant_code}, tenant {r.tenant_id}{more})", err=True)
     return 0

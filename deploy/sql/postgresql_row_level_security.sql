@@ -25,6 +25,7 @@
 -- create the tenant roles. The refresh copies RLS and policies onto each rebuilt
 -- table before it swaps it in (cfi_pipelines/tenancy/policies.py), as it does grants.
 -- No format() and no percent sign in this file: psql and drivers both run it.
+SET client_min_messages = warning;  -- no NOTICE for each DROP POLICY IF EXISTS
 
 -- The group every tenant role belongs to: it carries the grants, maps to no tenant.
 DO $$
