@@ -51,7 +51,7 @@ from cfi_pipelines.sensors.lag import probe_all, view_run_in_flight
 from cfi_pipelines.settings import INCIDENT_WINDOW, default_sensor_status
 from cfi_pipelines.views.capture import Capture, Gate, capture_for
 from cfi_pipelines.views.freshness import freshness_state, view_age
-from cfi_pipelines.views.positions import read_modes
+from cfi_pipelines.views.positions import read_modes, write_position
 from cfi_pipelines.views.probe import judge_views, view_source_tables
 from cfi_pipelines.views.refresh import read_status
 from cfi_pipelines.views.spec import VIEWS
@@ -232,6 +232,26 @@ def _exact_needs(capture: Capture, gate: Gate, positions: dict[str, tuple[str, s
     return needs
 
 
+def _catch_up(
+    conn: sa.Connection,
+    capture: Capture,
+    gate: Gate,
+    verified: list[str],
+    positions: dict[str, tuple[str, str]],
+) -> dict[str, str]:
+    """Exact capture: a verified view has no pending change of its tables up to the gate's
+    position, so its position moves there (a view whose tables are quiet would otherwise
+    hold the slot back forever, and the gate would decode an ever-longer backlog). Never
+    backwards; only views that already have a position in this mode. ``{view: position}``."""
+    moved = {}
+    for view in verified:
+        mode, pos = positions.get(view, ("", ""))
+        if mode == capture.mode and capture.sort_key(gate.position) > capture.sort_key(pos):
+            write_position(conn, view, capture.mode, gate.position)
+            moved[view] = gate.position
+    return moved
+
+
 def change_tick(
     context: dg.SensorEvaluationContext, cfi_source: DatabaseResource, cfi_common: DatabaseResource
 ) -> dg.SensorResult:
@@ -293,10 +313,17 @@ def change_tick(
         try:
             with write_transaction(cfi_common.engine()) as conn:
                 moved = mark_verified(conn, verified, probed_at, log)
+                caught_up = (
+                    _catch_up(conn, capture, gate, verified, positions) if capture.exact else {}
+                )
             for v in log & set(moved):
                 cursor.logged[v] = probed_at.isoformat()
             for v in moved:
                 statuses[v] = {**statuses[v], "source_snapshot_at": probed_at}
+            if caught_up:
+                # after the commit: the log may forget what every view is now past
+                mine = {v: p for v, (m, p) in positions.items() if m == capture.mode}
+                capture.release({**mine, **caught_up}.values())
         except sa.exc.SQLAlchemyError as exc:
             notes.append(f"could not record the verification: {type(exc).__name__}")
     events += _check_events(cursor, statuses, probed_at)

@@ -11,6 +11,9 @@ from cfi_pipelines.assets.sources import source_assets
 from cfi_pipelines.assets.views import refresh_views_job, view_assets, view_checks
 from cfi_pipelines.model import cfi_common as common
 from cfi_pipelines.model import cfi_source as src
+from cfi_pipelines.sensors.changes import EXACT_FROM
+from cfi_pipelines.views.capture import capture_for
+from cfi_pipelines.views.positions import read_positions
 from cfi_pipelines.views.refresh import read_status, refresh_view
 from cfi_pipelines.views.spec import VIEWS
 from tests.sensors.test_changes import res, tick
@@ -65,3 +68,9 @@ def test_a_silent_update_is_applied_by_key_and_then_verified(pg_logical_dbs, ins
     after = tick(instance, res(dbs), result.cursor)
     assert not after.run_requests
     assert read_status(dbs.common)["stocks"]["source_snapshot_at"] > before
+    # the views that do not read stock_levels never ran, yet their positions followed the
+    # verified gate: the slot was advanced past the change, nothing is left pending
+    capture = capture_for(dbs.source)
+    assert not capture.gate(EXACT_FROM).changed
+    positions = read_positions(dbs.common, "pg_logical")
+    assert len(set(positions.values())) <= 2 and set(positions) == {v.name for v in VIEWS}
