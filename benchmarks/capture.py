@@ -160,6 +160,13 @@ def pg_round(pg: TempPostgres, rows: int, args) -> None:
     cpos = counters.gate(None).position
     stamp = TimestampCapture(source, tables)
     spos = stamp.gate(None).position
+
+    def select_one() -> None:
+        with source.connect() as conn:
+            conn.execute(sa.text("SELECT 1")).all()
+
+    floor = median_ms(select_one, args.gates)
+    say(f"  floor: SELECT 1 through the same pool (ms)       {floor:>12.3f}  (machine load)")
     gate_logical = median_ms(lambda: logical.gate(pos), args.gates)
     gate_counters = median_ms(lambda: counters.gate(cpos), args.gates)
     gate_stamp = median_ms(lambda: stamp.gate(spos), max(3, args.gates // 5))
@@ -191,6 +198,12 @@ def pg_round(pg: TempPostgres, rows: int, args) -> None:
     )
     say(f"  baseline: signature probe rows/idle min          {per_min:>12,.0f}")
 
+    if args.only_gates:
+        with source.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(sa.text("SELECT pg_drop_replication_slot(:s)"), {"s": slot})
+        source.dispose()
+        common.dispose()
+        return
     # apply 1 % vs full, PG -> PG and PG -> SQLite
     lite_dir = Path(tempfile.mkdtemp(prefix="cfi-capture-bench-"))
     lite = create_engine(f"sqlite:///{lite_dir}/common.db")
@@ -366,6 +379,7 @@ def main() -> int:
     ap.add_argument("--idle-seconds", type=float, default=60.0)
     ap.add_argument("--mixed-minutes", type=float, default=0.0)
     ap.add_argument("--skip-sqlite", action="store_true")
+    ap.add_argument("--only-gates", action="store_true", help="skip the apply measurements")
     args = ap.parse_args()
     rows = args.rows or [1_000_000]
     settings = (

@@ -1,9 +1,9 @@
 """CFI's source tables as external assets (``cfi_source/<table>``), upstream of the views.
 
 This project never writes them: they are declared so that the lineage reads
-source tables → views, and observed by ``view_change_sensor`` (each change of a
-table's signature is an ``AssetObservation``: the UI shows when the source last
-changed). Each carries a ``schema`` check: which columns the views read are gone.
+source tables → views, and observed by ``view_change_sensor`` (each change the source's
+change capture reports for a table is an ``AssetObservation``, with the capture mode and
+the latest change: the UI shows when the source last changed and how that is known). Each carries a ``schema`` check: which columns the views read are gone.
 """
 
 from collections.abc import Sequence
@@ -27,7 +27,8 @@ source_assets = [
         group_name=GROUP,
         kinds={"sql"},
         description=f"CFI's production table `{t.name}` (read only; observed, never materialized "
-        "here). Its change watermark is max(updated_at); deletions show in its row count.",
+        "here). Its changes are found by the source's change capture (logical decoding, Change "
+        "Tracking, counters or data_version; see `cfi-pipelines status`).",
         metadata={"dagster/table_name": t.name},
     )
     for t in source_tables()

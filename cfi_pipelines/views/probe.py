@@ -1,12 +1,11 @@
-"""What changed in CFI's source: a cheap signature per source table, and what it means per view.
+"""What changed in CFI's source, per view: the tables each view follows, and the verdict.
 
-A table's signature is ``(max(updated_at), count(*))``: the indexed watermark moves
-on every insert and update, the count on every delete (an insert and a delete in
-the same interval still move the watermark). Comparing signatures between probes
-says *when* each table last changed, as seen by the prober; a view needs a refresh
-exactly when one of its tables changed after the view's data was read
-(``cfi_view_status.source_snapshot_at``), and is otherwise verified current as of
-the probe.
+The change sensor learns *which* followed tables changed, and when, from the source's
+change capture (:mod:`cfi_pipelines.views.capture`: one gate query per tick, per
+engine). A view needs a refresh exactly when one of its tables changed after the view's
+data was read (``cfi_view_status.source_snapshot_at``), and is otherwise verified
+current as of the gate, as far as the capture can know (:func:`judge_views`, used for the
+captures that are not exact; exact ones compare positions instead).
 """
 
 from __future__ import annotations
@@ -18,17 +17,6 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from cfi_pipelines.views.spec import VIEWS, ViewSpec
-
-
-@dataclass(frozen=True)
-class Signature:
-    """One source table's change signature."""
-
-    max_updated_at: str | None  # ISO text: comparable and JSON-safe across dialects
-    rows: int
-
-    def as_list(self) -> list:
-        return [self.max_updated_at, self.rows]
 
 
 def view_source_tables(spec: ViewSpec) -> tuple[sa.Table, ...]:
@@ -46,22 +34,6 @@ def source_tables(views: Iterable[ViewSpec] = VIEWS) -> tuple[sa.Table, ...]:
         for t in view_source_tables(spec):
             seen.setdefault(t.name, t)
     return tuple(seen.values())
-
-
-def probe_signatures(
-    conn: sa.Connection, tables: Iterable[sa.Table] | None = None
-) -> dict[str, Signature]:
-    """``{table name: Signature}``: one ``max(updated_at), count(*)`` per table (indexed max;
-    the count reads the smallest index)."""
-    out = {}
-    for t in tables or source_tables():
-        newest, rows = conn.execute(
-            sa.select(sa.func.max(t.c.updated_at), sa.func.count()).select_from(t)
-        ).one()
-        if newest is not None and not isinstance(newest, str):
-            newest = newest.isoformat()
-        out[t.name] = Signature(newest, int(rows))
-    return out
 
 
 @dataclass(frozen=True)
