@@ -40,11 +40,12 @@ from cfi_pipelines.clock import utcnow
 from cfi_pipelines.db import insert_rows
 from cfi_pipelines.views.capture.base import Capture, ChangeSet, RowChange
 from cfi_pipelines.views.incremental import stale_keys
+from cfi_pipelines.views.keys import Dependency, key_predicate, keys_per_query
 from cfi_pipelines.views.load import _begin, _count
 from cfi_pipelines.views.positions import read_positions, write_position
 from cfi_pipelines.views.reconcile import deleted_keys
 from cfi_pipelines.views.result import DEFAULT_MAX_DROP_SHARE, RefreshRefused, RefreshResult
-from cfi_pipelines.views.spec import Dependency, ViewSpec, key_predicate, keys_per_query
+from cfi_pipelines.views.spec import ViewSpec
 from cfi_pipelines.views.status import _record_success, _write_closure
 
 log = logging.getLogger(__name__)
