@@ -427,7 +427,12 @@ VIEWS: tuple[ViewSpec, ...] = (
         description="Invoices (factures) with totals, paid, outstanding and overdue flag.",
         table=common.cfi_invoices,
         key=("invoice_id",),
-        indexes=(("tenant_id", "client_id"), ("tenant_id", "overdue", "due_on")),
+        # (tenant_id, issued_on): "the last N days of invoices", a tenant's typical read
+        indexes=(
+            ("tenant_id", "client_id"),
+            ("tenant_id", "overdue", "due_on"),
+            ("tenant_id", "issued_on"),
+        ),
         build_query=_invoices,
         change_columns=(
             src.invoices.c.updated_at,

@@ -127,3 +127,32 @@ def test_doctor_on_sqlite_names_the_reference_reader(sqlite_dbs):
     with sqlite_dbs.common.connect() as conn:
         (check,) = check_tenancy(conn)
     assert check.status == "OK" and "reference reader" in check.detail
+
+
+class _MssqlCatalog:
+    """A stand-in connection answering doctor's one catalog query as SQL Server would."""
+
+    class dialect:  # noqa: N801 - mimics sa.Connection.dialect
+        name = "mssql"
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def execute(self, stmt):
+        assert "sys.security_predicates" in str(stmt)
+        rows = self.rows
+
+        class Result:
+            def all(self):
+                return rows
+
+        return Result()
+
+
+def test_doctor_on_sqlserver_reads_the_security_policy():
+    views = ["cfi_stocks", "cfi_operations", "cfi_invoices", "cfi_campaigns"]
+    ok = check_tenancy(_MssqlCatalog([(v, True) for v in views]))
+    assert [c.status for c in ok] == ["OK", "OK"] and "sp_set_session_context" in ok[1].detail
+    (bad,) = check_tenancy(_MssqlCatalog([(v, v != "cfi_invoices") for v in views]))
+    assert bad.status == "FAIL" and "cfi_invoices" in bad.detail
+    assert "sqlserver_row_level_security.sql" in bad.detail
