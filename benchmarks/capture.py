@@ -380,6 +380,7 @@ def main() -> int:
     ap.add_argument("--mixed-minutes", type=float, default=0.0)
     ap.add_argument("--skip-sqlite", action="store_true")
     ap.add_argument("--only-gates", action="store_true", help="skip the apply measurements")
+    ap.add_argument("--only-mixed", action="store_true", help="only the --mixed-minutes check")
     args = ap.parse_args()
     rows = args.rows or [1_000_000]
     settings = (
@@ -389,7 +390,7 @@ def main() -> int:
         "autovacuum=off",
     )
     with TempPostgres(settings=settings) as pg, tempfile.TemporaryDirectory() as tmp:
-        for n in rows:
+        for n in [] if args.only_mixed else rows:
             pg_round(pg, n, args)
             if not args.skip_sqlite:
                 sqlite_round(n, args, Path(tmp))
