@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from cfi_pipelines.clock import utcnow
+from cfi_pipelines.db import create_engine
 from cfi_pipelines.model import cfi_source as src
 from cfi_pipelines.views.capture import CaptureLost, capture_for, choose_capture
 from cfi_pipelines.views.capture.pg_counters import PgCounterCapture
@@ -122,3 +123,35 @@ def test_without_logical_decoding_the_counter_gate_sees_silent_updates(pg_dbs):
         conn.exec_driver_sql("SELECT pg_stat_reset()")
     reset = capture.gate(gate.position)
     assert reset.changed and reset.tables is None and "reset" in reset.note
+
+
+def test_the_dba_script_s_account_reads_changes_without_being_superuser(pg_logical_dbs):
+    """As CFI's DBA sets it up: cfi_source_reader (REPLICATION, SELECT only) and the
+    publication cfi_pipelines from deploy/sql/postgresql_logical_decoding.sql."""
+    dbs = pg_logical_dbs
+    with dbs.source.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("ALTER ROLE cfi_source_reader PASSWORD 'reader-test-only'")
+    reader = create_engine(
+        dbs.source.url.set(username="cfi_source_reader", password="reader-test-only")
+        .render_as_string(hide_password=False)
+    )  # fmt: skip
+    try:
+        # a publication of another name does not exist, and this account may not create it
+        other = choose_capture(reader, slot="cfi_other_pub")
+        assert isinstance(other, PgCounterCapture)
+        assert "publication cfi_other_pub is missing" in other.why
+        capture = choose_capture(reader, slot="cfi_pipelines")
+        assert isinstance(capture, PgLogicalCapture), capture.why
+        assert any("created logical replication slot" in line for line in capture.ensure())
+        start = capture.position()
+        with dbs.source.begin() as conn:
+            conn.execute(src.payments.delete().where(src.payments.c.id == 1))
+        (change,) = capture.changes(start).changes
+        assert change.op == "D" and change.old_complete and change.old["invoice_id"]
+    finally:
+        with dbs.source.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE slot_name = 'cfi_pipelines'"
+            )
+        reader.dispose()

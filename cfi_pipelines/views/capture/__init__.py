@@ -73,7 +73,7 @@ def choose_capture(
 
             slot = get_settings().capture_slot
         with engine.connect() as conn:
-            problem = logical_decoding_problem(conn)
+            problem = logical_decoding_problem(conn, slot, [t.name for t in tables])
         if problem is None:
             return PgLogicalCapture(
                 engine, tables, slot=slot, why=f"wal_level is logical; slot {slot}"

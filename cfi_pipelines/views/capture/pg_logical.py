@@ -73,22 +73,33 @@ def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:
     return getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
 
 
-def logical_decoding_problem(conn: sa.Connection) -> str | None:
-    """Why this account cannot use logical decoding here (one line), or None when it can."""
+def logical_decoding_problem(
+    conn: sa.Connection, publication: str | None = None, tables: Sequence[str] = ()
+) -> str | None:
+    """Why this account cannot use logical decoding here (one line), or None when it can.
+
+    With ``publication``: it must cover ``tables``, or be creatable by this account (a
+    superuser; otherwise CFI's DBA creates it). Catalog reads only."""
     level = conn.exec_driver_sql("SHOW wal_level").scalar()
+    script = "run deploy/sql/postgresql_logical_decoding.sql"
     if level != "logical":
-        return (
-            f"wal_level is {level}: counter gate; run deploy/sql/postgresql_logical_decoding.sql "
-            "(wal_level=logical, then a restart)"
-        )
-    allowed = conn.exec_driver_sql(
-        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
-    ).scalar()
+        return f"wal_level is {level}: counter gate; {script} (wal_level=logical, then a restart)"
+    superuser, allowed = conn.exec_driver_sql(
+        "SELECT rolsuper, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
+    ).one()
     if not allowed:
-        return (
-            "the reading account has no REPLICATION attribute: counter gate; run "
-            "deploy/sql/postgresql_logical_decoding.sql"
-        )
+        return f"the reading account has no REPLICATION attribute: counter gate; {script}"
+    if publication is None or superuser:
+        return None
+    have = set(
+        conn.execute(
+            sa.text("SELECT tablename FROM pg_publication_tables WHERE pubname = :p"),
+            {"p": publication},
+        ).scalars()
+    )
+    if missing := sorted(set(tables) - have):
+        what = "is missing" if not have else f"lacks {', '.join(missing)}"
+        return f"publication {publication} {what}: counter gate; {script}"
     return None
 
 
