@@ -30,6 +30,9 @@ SQLITE_REFRESH_CACHE_KIB = 32 * 1024
 """SQLite page cache (KiB) of the refresh's own write transactions (see :func:`_begin`):
 bounded, so that memory stays flat (peak RSS < 150 MB whatever the row count)."""
 
+COPY_CHUNK_BYTES = 128 * 1024
+"""Bytes per write of the PostgreSQL→PostgreSQL COPY relay (psycopg's largest unsplit write)."""
+
 Loader = Callable[[sa.Table], int]
 """Fills a staging table (given as a Table object) and returns its row count."""
 
@@ -213,8 +216,16 @@ def source_loader(
                         scur.copy(f"COPY ({typed}) TO STDOUT (FORMAT BINARY)") as out,
                         tcur.copy(f"COPY {name} ({col_list}) FROM STDIN ({options})") as into,
                     ):
+                        # COPY TO hands out one row per block; each write is a round of
+                        # psycopg's wait loop: written in chunks, the relay costs per MB
+                        chunk = bytearray()
                         for block in out:
-                            into.write(block)
+                            chunk += block
+                            if len(chunk) >= COPY_CHUNK_BYTES:
+                                into.write(chunk)
+                                chunk = bytearray()
+                        if chunk:
+                            into.write(chunk)
                     return tcur.rowcount  # "COPY n"
 
         return load
