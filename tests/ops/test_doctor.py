@@ -108,7 +108,9 @@ def test_healthy_through_the_installed_entry_point(env, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert len(lines) == 7 and all(line.startswith("OK ") for line in lines), lines
+    # databases (3), SFTP, CFI API, alerts, the source's change capture, tenancy
+    assert len(lines) == 8 and all(line.startswith("OK ") for line in lines), lines
+    assert any("source:capture" in line for line in lines)
     assert any("common:tenancy" in line and "reference reader" in line for line in lines)
     assert "Traceback" not in proc.stderr
 
