@@ -142,14 +142,19 @@ def refused(holdings: Sequence[Holding], told: Sequence[str], force: bool) -> li
     ]
 
 
-def refusal_message(blocked: Sequence[Holding]) -> str:
-    """One line: what would be lost, and how to say yes for one database or for all."""
+def refusal_message(blocked: Sequence[Holding], targets: Sequence[str] = TARGETS) -> str:
+    """One line: what would be lost, and how to say yes for one database, for all, or for
+    only the ``targets`` that are not blocked."""
     names = " ".join(f"--only {h.target}" for h in blocked)
+    others = [t for t in targets if t not in {h.target for h in blocked}]
+    rest = (
+        "; seed only the others with " + " ".join(f"--only {t}" for t in others) if others else ""
+    )
     return (
         "seed would replace data in "
         + " and ".join(_LABELS[h.target] for h in blocked)
         + f" (listed above); nothing was written. To replace it, name it ({names}) or use "
-        "--force; seed only the others with --only source|common|mycfia"
+        f"--force{rest}"
     )
 
 
@@ -161,7 +166,7 @@ def prepare(settings: Settings, only: Sequence[str], force: bool) -> tuple[list[
     holdings = inspect(settings, targets)
     blocked = refused(holdings, only, force)
     if blocked:
-        raise SeedRefused(refusal_message(blocked), [h.line for h in holdings])
+        raise SeedRefused(refusal_message(blocked, targets), [h.line for h in holdings])
     if "mycfia" in targets and "source" not in targets and not source_is_seeded(settings):
         raise SeedRefused(
             "MyCfia's demo campaigns are drawn from CFI's source DB, which is not seeded: run "

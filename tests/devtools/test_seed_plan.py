@@ -71,6 +71,8 @@ def test_seed_refuses_to_wipe_mycfia_history_and_seeds_only_what_it_is_told(
     assert f"MyCfia DB ({mycfia_url}): 13 campaigns, 1 export (1 delivered)" in out, out
     assert f"CFI source DB ({redact(env['CFI_SOURCE_URL'])}): empty" in out, out
     assert "--only mycfia" in refused.stderr and "--force" in refused.stderr, refused.stderr
+    # and the exact way to seed only the empty ones
+    assert "seed only the others with --only source --only common" in refused.stderr
     assert _history(mycfia_url) == before
     assert _tables(env["CFI_SOURCE_URL"]) == []  # nothing half-written: the source untouched too
 
