@@ -134,6 +134,24 @@ def _signature_of(gate: Gate, table: str) -> list | None:
     return sig if isinstance(sig, list) else None
 
 
+def _latest_change(gate: Gate, table: str, sig: list | None) -> str:
+    """What the capture knows of ``table``'s latest change, said in its own terms: the
+    commit's LSN (logical decoding), the newest ``updated_at`` and the row count
+    (timestamp family), or the write counters (``pg_stat_user_tables``)."""
+    if lsn := (gate.latest or {}).get(table):
+        return f"commit at LSN {lsn}"
+    if sig:
+        return f"max(updated_at) {sig[0] or '-'}, {int(sig[1]):,} rows"
+    try:
+        counters = json.loads(gate.position).get(table)
+    except (ValueError, AttributeError, TypeError):
+        return ""
+    if isinstance(counters, list) and len(counters) == 3:
+        ins, upd, dele = counters
+        return f"writes counted: {ins:,} inserted, {upd:,} updated, {dele:,} deleted"
+    return ""
+
+
 def observe(cursor: ChangeCursor, capture: Capture, gate: Gate, now: datetime, fresh: bool) -> list:
     """Record the tables the gate names as changed (all of them on a fresh cursor); an
     ``AssetObservation`` per table with the capture mode and its latest change."""
@@ -151,7 +169,7 @@ def observe(cursor: ChangeCursor, capture: Capture, gate: Gate, now: datetime, f
         cursor.tables[name] = [latest, seen.isoformat()]
         metadata = {
             "capture_mode": capture.mode,
-            "latest_change": (gate.latest or {}).get(name) or "",
+            "latest_change": _latest_change(gate, name, sig),
             "change_seen_at": iso_z(seen) or "",
             "capture_note": gate.note,
         }

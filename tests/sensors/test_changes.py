@@ -101,6 +101,10 @@ def test_a_changed_source_refreshes_exactly_the_views_that_read_it(fresh, instan
         e.asset_key.path[-1] for e in result.asset_events if isinstance(e, dg.AssetObservation)
     ]
     assert observed == ["stock_levels"]
+    (obs,) = [e for e in result.asset_events if isinstance(e, dg.AssetObservation)]
+    # the latest change in the capture's own terms (SQLite: data_version + updated_at)
+    assert obs.metadata["capture_mode"].value == "sqlite_data_version"
+    assert obs.metadata["latest_change"].value.startswith("max(updated_at) 20")
     # the run makes the change visible; the next tick then verifies the view current
     defs = dg.Definitions(
         assets=[*source_assets, *view_assets],
