@@ -159,7 +159,8 @@ def refresh_view(
     if effective == "incremental" and not can_increment:
         effective = "full"  # nothing to increment from yet: a first refresh is always full
     try:  # from the first read of the source on, every failure is recorded and diagnosed
-        capture = exact_capture(source) if mode != "incremental" else None
+        found = capture_for(source)  # named in the result whatever path runs
+        capture = found if found.exact and mode != "incremental" else None
         position = read_positions(target, capture.mode).get(spec.name) if capture else None
         if mode == "auto" and capture is not None:
             applies = position is not None and live_exists and status.get("source") == "db"
@@ -188,7 +189,7 @@ def refresh_view(
                     forget_positions(target, capture.mode)
                 effective = "full"
         if effective == "incremental":
-            return _incremental(
+            incremental = _incremental(
                 spec,
                 source,
                 target,
@@ -200,6 +201,7 @@ def refresh_view(
                 max_drop_share=max_drop_share,
                 last_rows=status.get("rows"),
             )
+            return replace(incremental, capture_mode=found.mode)
         taken = _take_position(spec, capture, target) if capture is not None else None
         snapshot_at = utcnow()  # taken before reading: the data is at least this fresh
         watermark = _high_watermark(spec, source)
@@ -222,7 +224,7 @@ def refresh_view(
             # after the swap: a crash in between leaves an older position (replayed)
             store_position(target, spec.name, capture.mode, taken)
             result = replace(result, capture_mode=capture.mode, position=taken)
-        return result
+        return replace(result, capture_mode=found.mode) if not result.capture_mode else result
     except BaseException as exc:
         outcome = "refused" if isinstance(exc, RefreshRefused) else "failed"
         # a database error: which one, or CFI's schema changed (one line, the variable)
