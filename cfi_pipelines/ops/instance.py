@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from cfi_pipelines.settings import get_settings, set_dagster_home
+from cfi_pipelines.settings import ConfigError, get_settings, set_dagster_home
 
 LOCAL_DAGSTER_YAML = """\
 # Local instance (dagster dev / the demo). Production: deploy/dagster.yaml.
@@ -33,9 +33,17 @@ run_retries:
 
 def ensure_dagster_home() -> Path:
     """The instance directory, created (with its dagster.yaml) when it is the default one,
-    and exported as ``DAGSTER_HOME`` for this process and its children."""
+    and exported as ``DAGSTER_HOME`` for this process and its children. A ``DAGSTER_HOME``
+    that is not a directory is a :class:`ConfigError` (one line naming it), not Dagster's
+    traceback."""
     s = get_settings()
     home = s.dagster_home
+    if s.dagster_home_env is not None and not home.is_dir():
+        raise ConfigError(
+            f"DAGSTER_HOME={s.dagster_home_env} is not a directory (Dagster needs an existing "
+            f"one): create it (mkdir -p {home}), or unset DAGSTER_HOME to use the project's "
+            f"instance in CFI_HOME ({s.home / 'dagster'})"
+        )
     if s.dagster_home_env is None:
         home.mkdir(parents=True, exist_ok=True)
         config = home / "dagster.yaml"

@@ -225,3 +225,15 @@ def test_every_option_of_demo_and_kpis_says_what_it_does(tmp_path):
         assert proc.returncode == 0
         lines = proc.stdout.split(option, 1)[1].split("\n  -", 1)[0]
         assert says in " ".join(lines.split()), proc.stdout
+
+
+def test_a_dagster_home_that_is_no_directory_is_one_line_naming_it(tmp_path):
+    missing = tmp_path / "no_such_instance"
+    env = {**os.environ, "CFI_HOME": str(tmp_path / "cfi"), "DAGSTER_HOME": str(missing)}
+    proc = _run([str(BIN / "cfi-pipelines"), "refresh", "stocks"], env, tmp_path)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: DAGSTER_HOME={missing} is not a directory"), line
+    assert "mkdir -p" in line and "unset DAGSTER_HOME" in line
+    assert not missing.exists()  # nothing created behind the user's back
