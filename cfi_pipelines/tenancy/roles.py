@@ -13,8 +13,12 @@ loses LOGIN (its role is kept: dropping one that holds grants fails).
 Fail-closed by construction: the closure, not this map, decides what a tenant
 sees, so a role created late only delays a new tenant's first read.
 
-Cost: O(tenants) per call (one read of CFI's tenants and of the map); writes only
-what changed, under a table lock so parallel refreshes do not race.
+Cost, per refresh: one read of CFI's tenants (``id, code``: O(tenants), the table the
+refresh reads for the closure anyway). When their fingerprint (with the secret's) is the
+one this process last synced to the same common DB, nothing else: no query on the
+common DB, no role DDL (every refresh after the first of a process, with unchanged
+tenants). Otherwise one read of the map and of the roles, then writes of only what
+changed, under a table lock so parallel refreshes do not race.
 """
 
 from __future__ import annotations
@@ -58,6 +62,27 @@ class SyncResult:
     passwords_set: int
     roles_disabled: int
     roles_managed: bool  # False: not PostgreSQL, or RLS not installed
+    checked: bool = True  # False: same tenants as last synced here, the common DB untouched
+
+
+_synced: dict[str, tuple[str, bool]] = {}
+"""Per common DB (its URL, password hidden): the fingerprint this process last found
+in sync there, and whether it manages roles. A role dropped by hand since is created
+again by the next process (or after :func:`forget_synced`); ``doctor`` reports it."""
+
+
+def tenants_fingerprint(tenants: dict[int, str], secret_fp: str) -> str:
+    """A digest of CFI's tenants (ids and codes) and of the secret's fingerprint."""
+    h = hashlib.sha256(secret_fp.encode())
+    for tid in sorted(tenants):
+        h.update(f"\x00{tid}\x00{tenants[tid]}".encode())
+    return h.hexdigest()
+
+
+def forget_synced() -> None:
+    """Check the common DB again at the next sync (tests; a DBA who dropped roles by
+    hand restarts the process or calls this)."""
+    _synced.clear()
 
 
 def scram_verifier(password: str, salt: bytes | None = None) -> str:
@@ -98,15 +123,23 @@ def sync_tenants(source: Engine, target: Engine, secret: str | None) -> SyncResu
     """Bring ``cfi_tenants`` and the tenant roles in line with CFI's tenants."""
     tenants = read_tenants(source)
     fingerprint = secret_fingerprint(secret)
+    key, digest = str(target.url), tenants_fingerprint(tenants, fingerprint)
+    if key in _synced and _synced[key][0] == digest:  # unchanged since last synced here
+        return SyncResult(0, 0, 0, 0, _synced[key][1], checked=False)
     want = {tid: (code, role_name(tid)) for tid, code in tenants.items()}
     t = common.cfi_tenants
-    with target.connect() as conn:  # the cheap path: nothing to do (every refresh)
+    with target.connect() as conn:  # the cheap path: nothing to do
         managed = roles_managed(conn)
         have = {r.tenant_id: r for r in conn.execute(sa.select(t))}
         roles = _existing_roles(conn, [r for _, r in want.values()]) if managed else {}
         conn.rollback()
     if _in_sync(want, have, roles, fingerprint, managed):
+        if managed or target.dialect.name != "postgresql":
+            # not remembered on a PostgreSQL without the RLS script: the DBA may install
+            # it at any time, and the next refresh must then create the roles
+            _synced[key] = (digest, managed)
         return SyncResult(0, 0, 0, 0, managed)
+    _synced.pop(key, None)
     with write_transaction(target) as conn:
         if conn.dialect.name == "postgresql":
             # serialises parallel refreshes; a table lock, not an advisory one: tenants
@@ -138,6 +171,7 @@ def sync_tenants(source: Engine, target: Engine, secret: str | None) -> SyncResu
         "tenants: %d map rows written, %d roles created, %d passwords set, %d disabled",
         mapped, created, passwords, disabled,
     )  # fmt: skip
+    # the next sync checks once more (cheap) before it trusts the fingerprint
     return SyncResult(mapped, created, passwords, disabled, managed)
 
 

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from cfi_pipelines.clock import utcnow
-from cfi_pipelines.db import insert_rows, write_transaction
+from cfi_pipelines.db import write_transaction
 from cfi_pipelines.model import cfi_common as common
 from cfi_pipelines.model import cfi_source as src
 from cfi_pipelines.views.result import RefreshError, RefreshResult
@@ -151,4 +151,7 @@ def _write_closure(conn: sa.Connection, rows: list[tuple[int, int, int]]) -> Non
     current = set(conn.execute(sa.select(t.c.ancestor, t.c.descendant, t.c.depth)).tuples())
     if current != set(rows):
         conn.execute(t.delete())
-        insert_rows(conn, t, rows)
+        if rows:  # INSERT, not COPY: PostgreSQL refuses COPY FROM into a table with
+            # row-level security (deploy/sql/postgresql_row_level_security.sql forces it)
+            keys = ("ancestor", "descendant", "depth")
+            conn.execute(t.insert(), [dict(zip(keys, r, strict=True)) for r in rows])
