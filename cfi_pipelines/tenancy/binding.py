@@ -5,7 +5,8 @@ in as the tenant's own role (``cfi_tenant_<id>``), whose password MyCfia and thi
 project both derive from ``CFI_TENANT_SECRET`` (HMAC-SHA256 of the role name), so no
 per-tenant secret has to be stored or shipped; the policies map ``current_user`` to
 the tenant. On SQLite the reference reader (:mod:`.reader_sqlite`) is the binding.
-Each read gets a time limit and a row cap, set by the binding per statement.
+Each read gets a time limit (on PostgreSQL set by the login, and every read rolled
+back so that none can lift it for the next) and a row cap.
 """
 
 from __future__ import annotations

@@ -1,19 +1,22 @@
-"""One read as a tenant on PostgreSQL: log in as the tenant's role, one statement.
+"""Reads as a tenant on PostgreSQL: a connection logged in as the tenant's role, held
+open for many reads (what MyCfia pools), each read one guarded statement.
 
-What the binding does for each read (the contract MyCfia follows, README "Reading
-as a tenant"):
+What the binding does (the contract MyCfia follows, README "Reading as a tenant"):
 
-1. connect as ``cfi_tenant_<id>`` (the policies bind ``current_user`` to the tenant);
-2. ``BEGIN READ ONLY`` and ``SET LOCAL statement_timeout`` (a role default could be
-   lifted by the reader; a per-transaction value set by us before its statement
-   cannot be lifted *for that statement*, and the transaction ends with it);
-3. the reader's SQL as exactly one ``DECLARE … CURSOR FOR <sql>`` sent through the
-   extended protocol: a second stacked statement is refused by the server, and a
-   cursor only accepts a query (no ``SET``, ``COPY``, DDL, data-modifying ``WITH``);
-4. one ``FETCH`` of ``max_rows + 1`` rows (the row cap, enforced by the server: a
-   cross join is never materialised on the client), then ``ROLLBACK``;
+- **once per connection**, in the login itself (startup options, no extra round trip):
+  log in as ``cfi_tenant_<id>`` (the policies bind ``current_user`` to the tenant), with
+  ``statement_timeout`` and ``default_transaction_read_only = on``;
+- **per read**, three statements pipelined in one round trip:
+  ``BEGIN READ ONLY``; the reader's SQL as ``SELECT * FROM (<sql>) AS cfi_read LIMIT
+  <cap + 1>``, one statement through the extended protocol (a second stacked statement
+  is a syntax error, and a subquery accepts a query only: no ``SET``, ``COPY``, DDL,
+  data-modifying ``WITH`` or ``SELECT INTO``; the ``LIMIT`` is the row cap, applied by
+  the server); ``ROLLBACK``, which undoes whatever the read changed in the session
+  (``set_config`` of the time limit, of the read-only default, of the role), so every
+  read on a pooled connection starts under the limits set at login.
 
-all five in one pipeline (one network round trip).
+The three statements go straight through libpq's pipeline (``psycopg.pq``): the same
+round trip and nearly the same client work as one plain query.
 
 Cost: what the reader's query costs, bounded by the time limit; the policy adds one
 indexed lookup of the tenant's subtree per statement.
@@ -21,25 +24,152 @@ indexed lookup of the tenant's subtree per statement.
 
 from __future__ import annotations
 
-import contextlib
+import select
+from types import TracebackType
 from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg.pq import TransactionStatus
+from psycopg import pq
+from psycopg.adapt import Transformer
 from sqlalchemy.engine import make_url
 
 from cfi_pipelines.tenancy.binding import RETRYABLE_SQLSTATES, Refused
 
 CONNECT_TIMEOUT_S = 5
-CURSOR = "cfi_tenant_read"
+BEGIN, ROLLBACK = b"BEGIN READ ONLY", b"ROLLBACK"
+_DONE = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
 
 
-def connect(common_url: str, role: str, password: str) -> psycopg.Connection:
-    """A connection to the common DB as the tenant role ``role``."""
+def guarded_sql(sql: str, max_rows: int) -> str:
+    """The one statement a read sends: the reader's query as a subquery, capped. The
+    line breaks keep a trailing ``--`` comment from swallowing the wrapper."""
+    sql = sql.strip().rstrip(";").strip()
+    if not sql:
+        raise Refused("empty query")
+    return f"SELECT * FROM (\n{sql}\n) AS cfi_read LIMIT {int(max_rows) + 1}"
+
+
+def login_options(timeout_s: float) -> str:
+    """The startup options of a tenant connection: the time limit and the read-only
+    default, set by the login itself (a read cannot lift them for the next read)."""
+    return f"-c statement_timeout={_ms(timeout_s)} -c default_transaction_read_only=on"
+
+
+def _ms(timeout_s: float) -> int:
+    return max(1, int(timeout_s * 1000))
+
+
+class TenantSession:
+    """A connection logged in as a tenant's role, for many reads (:meth:`read`)."""
+
+    def __init__(self, conn: psycopg.Connection, timeout_s: float) -> None:
+        self.conn = conn
+        self.timeout_s = timeout_s
+        self._pg = conn.pgconn
+        self._tx = Transformer(conn)
+
+    @classmethod
+    def wrap(cls, conn: psycopg.Connection, timeout_s: float) -> TenantSession:
+        """A session over a connection opened elsewhere: its time limit and read-only
+        default set once, at session level (one round trip)."""
+        conn.autocommit = True
+        conn.execute(f"SET statement_timeout = {_ms(timeout_s)}")
+        conn.execute("SET default_transaction_read_only = on")
+        return cls(conn, timeout_s)
+
+    def read(
+        self, sql: str, *, max_rows: int, timeout_s: float | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]], bool]:
+        """One read: ``(columns, rows, truncated)`` or :class:`Refused`. A
+        ``timeout_s`` other than the session's adds ``SET LOCAL statement_timeout``."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            query = guarded_sql(sql, max_rows).encode(self.conn.info.encoding)
+        except UnicodeEncodeError as exc:
+            raise Refused(f"not a valid query: {exc}") from None
+        if b"\x00" in query:
+            raise Refused("not a valid query: NUL character")
+        statements = [BEGIN, query, ROLLBACK]
+        if _ms(timeout_s) != _ms(self.timeout_s):
+            statements.insert(1, f"SET LOCAL statement_timeout = {_ms(timeout_s)}".encode())
+        try:
+            results = self._pipeline(statements)
+        except psycopg.Error as exc:
+            raise refusal(exc, timeout_s) from None
+        finally:
+            self._recover()
+        res = results[statements.index(query)]
+        for r in results:
+            if r.status not in _DONE:
+                encoding = self.conn.info.encoding
+                raise refusal(pg_errors.error_from_result(r, encoding=encoding), timeout_s)
+        self._tx.set_pgresult(res)
+        rows = self._tx.load_rows(0, res.ntuples, tuple)
+        columns = [
+            (res.fname(i) or b"").decode(self.conn.info.encoding) for i in range(res.nfields)
+        ]
+        return columns, rows[:max_rows], len(rows) > max_rows
+
+    def _pipeline(self, statements: list[bytes]) -> list[pq.PGresult]:
+        """Send ``statements`` and a sync in one write; the first result of each."""
+        pg = self._pg
+        pg.enter_pipeline_mode()
+        try:
+            for statement in statements:
+                pg.send_query_params(statement, None)
+            pg.pipeline_sync()
+            while pg.flush():
+                _wait(pg, write=True)
+            results: list[pq.PGresult] = []
+            while True:
+                while pg.is_busy():
+                    _wait(pg)
+                    pg.consume_input()
+                r = pg.get_result()
+                if r is None:  # end of one statement's results
+                    continue
+                if r.status == pq.ExecStatus.PIPELINE_SYNC:
+                    return results
+                results.append(r)
+        finally:
+            try:
+                pg.exit_pipeline_mode()  # fails only with results still pending
+            except psycopg.Error:
+                self.conn.close()  # a broken read: this connection is not reused
+
+    def _recover(self) -> None:
+        """After a failed read the transaction may be left open (its ROLLBACK was
+        skipped): end it, so the next read starts clean."""
+        if self.conn.closed or self._pg.pipeline_status != pq.PipelineStatus.OFF:
+            return
+        if self._pg.transaction_status != pq.TransactionStatus.IDLE:
+            try:
+                self.conn.execute("ROLLBACK")
+            except psycopg.Error:
+                self.conn.close()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> TenantSession:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+
+def _wait(pg: pq.abc.PGconn, *, write: bool = False) -> None:
+    fd = pg.socket
+    select.select([] if write else [fd], [fd] if write else [], [])
+
+
+def connect(common_url: str, role: str, password: str, *, timeout_s: float) -> TenantSession:
+    """A session on the common DB as the tenant role ``role``, its time limit
+    ``timeout_s`` and read-only default set by the login."""
     url = make_url(common_url)
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             host=url.host or "localhost",
             port=url.port or 5432,
             dbname=url.database,
@@ -47,6 +177,8 @@ def connect(common_url: str, role: str, password: str) -> psycopg.Connection:
             password=password,
             connect_timeout=CONNECT_TIMEOUT_S,
             application_name="cfi-pipelines query",
+            options=login_options(timeout_s),
+            autocommit=True,
         )
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
@@ -54,6 +186,7 @@ def connect(common_url: str, role: str, password: str) -> psycopg.Connection:
             f"cannot log in as {role}: {first} (is deploy/sql/postgresql_row_level_security.sql "
             "installed, has a refresh created the roles, is CFI_TENANT_SECRET the refresh's?)"
         ) from None
+    return TenantSession(conn, timeout_s)
 
 
 def refusal(exc: psycopg.Error, timeout_s: float) -> Refused:
@@ -64,7 +197,7 @@ def refusal(exc: psycopg.Error, timeout_s: float) -> Refused:
     state = getattr(exc, "sqlstate", None) or ""
     if isinstance(exc, pg_errors.QueryCanceled):
         return Refused(f"stopped at the time limit ({timeout_s:g} s): {message}")
-    if "multiple commands" in message:
+    if isinstance(exc, pg_errors.SyntaxError) and message.endswith('at or near ";"'):
         return Refused("one statement per read: stacked statements are refused")
     if isinstance(exc, pg_errors.SyntaxError):
         return Refused(f"not a single read-only query (SELECT, WITH, VALUES, TABLE): {message}")
@@ -75,46 +208,9 @@ def refusal(exc: psycopg.Error, timeout_s: float) -> Refused:
     return Refused(f"{message} (SQLSTATE {state})", retryable=state in RETRYABLE_SQLSTATES)
 
 
-def run(
-    conn: psycopg.Connection, sql: str, *, max_rows: int, timeout_s: float
-) -> tuple[list[str], list[tuple[Any, ...]], bool]:
-    """Run one read on an open tenant connection: ``(columns, rows, truncated)``.
-
-    The five messages (``BEGIN READ ONLY``, the time limit, ``DECLARE``, ``FETCH``,
-    ``ROLLBACK``) go in one pipeline: one round trip, like a plain query's.
-    """
-    sql = sql.strip().rstrip(";").strip()
-    if not sql:
-        raise Refused("empty query")
-    ms = max(1, int(timeout_s * 1000))
-    columns: list[str] = []
-    try:
-        if conn.info.transaction_status != TransactionStatus.IDLE:
-            conn.rollback()
-        conn.autocommit = True  # the transaction is ours: BEGIN READ ONLY below
-        with conn.pipeline():
-            conn.execute("BEGIN READ ONLY")
-            conn.execute(f"SET LOCAL statement_timeout = {ms}")
-            # one statement through the extended protocol, and a cursor takes a query only
-            conn.execute(f"DECLARE {CURSOR} NO SCROLL CURSOR FOR {sql}")  # type: ignore[arg-type]
-            cur = conn.execute(f"FETCH FORWARD {int(max_rows) + 1} FROM {CURSOR}")  # type: ignore[arg-type]
-            conn.execute("ROLLBACK")
-        rows = cur.fetchall()
-        columns = [d.name for d in cur.description or ()]
-    except psycopg.Error as exc:
-        raise refusal(exc, timeout_s) from None
-    except ValueError as exc:  # e.g. a NUL character: never sent
-        raise Refused(f"not a valid query: {exc}") from None
-    finally:
-        if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("ROLLBACK")
-    return columns, [tuple(r) for r in rows[:max_rows]], len(rows) > max_rows
-
-
 def read(
     common_url: str, role: str, password: str, sql: str, *, max_rows: int, timeout_s: float
 ) -> tuple[list[str], list[tuple[Any, ...]], bool]:
-    """Connect as ``role``, run one read, disconnect."""
-    with connect(common_url, role, password) as conn:
-        return run(conn, sql, max_rows=max_rows, timeout_s=timeout_s)
+    """Log in as ``role``, run one read, disconnect (``cfi-pipelines query``)."""
+    with connect(common_url, role, password, timeout_s=timeout_s) as session:
+        return session.read(sql, max_rows=max_rows)

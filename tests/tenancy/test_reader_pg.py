@@ -76,17 +76,22 @@ REFUSED = [
 ]
 
 
+def _session(rls_db, code: str, timeout_s: float = TIMEOUT_S) -> reader_pg.TenantSession:
+    role = rls_db.role(code)
+    return reader_pg.connect(rls_db.url, role, derive_password(SECRET, role), timeout_s=timeout_s)
+
+
 @pytest.fixture
 def tenants(rls_db):
-    """{code: (open tenant connection, subtree)} for the parent, leaf and siblings."""
-    out = {code: (rls_db.as_tenant(code), rls_db.subtree(code)) for code in TENANTS}
+    """{code: (open tenant session, subtree)} for the parent, leaf and siblings."""
+    out = {code: (_session(rls_db, code), rls_db.subtree(code)) for code in TENANTS}
     yield out
-    for conn, _ in out.values():
-        conn.close()
+    for session, _ in out.values():
+        session.close()
 
 
-def _run(conn, sql: str, max_rows: int = 100_000):
-    return reader_pg.run(conn, sql, max_rows=max_rows, timeout_s=TIMEOUT_S)
+def _run(session: reader_pg.TenantSession, sql: str, max_rows: int = 100_000):
+    return session.read(sql, max_rows=max_rows)
 
 
 def test_every_tenant_reads_its_subtree_only(rls_db, tenants):
@@ -177,8 +182,7 @@ def test_every_attack_is_refused_in_one_line_and_writes_nothing(rls_db, tenants)
 def test_the_database_holds_even_for_a_session_that_runs_raw_sql(rls_db, tenants):
     """A binding that forgot everything (no read-only transaction, no cursor): the
     database still refuses to change the tenant, to write, and to bypass the policy."""
-    conn, subtree = tenants["NORD-01"]
-    conn.autocommit = True
+    conn, subtree = tenants["NORD-01"][0].conn, tenants["NORD-01"][1]
     for stmt in (
         "SET ROLE cfi_tenant_1",
         "SET ROLE cfi_refresher",
@@ -227,8 +231,7 @@ def test_statistics_do_not_leak_other_tenants_values(tenants):
 
 
 def test_the_policy_computes_the_subtree_once_and_uses_the_tenant_indexes(tenants):
-    conn, _ = tenants["NORD-01"]
-    conn.autocommit = True
+    conn = tenants["NORD-01"][0].conn
     plan = "\n".join(
         r[0]
         for r in conn.execute(
@@ -240,10 +243,8 @@ def test_the_policy_computes_the_subtree_once_and_uses_the_tenant_indexes(tenant
 
 
 def test_the_row_cap_and_refusals_through_the_binding(rls_db, tenants):
-    conn, _ = tenants["CFI"]
-    cols, rows, truncated = reader_pg.run(
-        conn, "SELECT * FROM cfi_stocks", max_rows=7, timeout_s=TIMEOUT_S
-    )
+    session, _ = tenants["CFI"]
+    cols, rows, truncated = session.read("SELECT * FROM cfi_stocks", max_rows=7)
     assert len(rows) == 7 and truncated and "tenant_id" in cols
     with pytest.raises(Refused, match="password|log in"):
         reader_pg.read(rls_db.url, "cfi_tenant_3", "wrong", "SELECT 1", max_rows=1, timeout_s=1)
@@ -253,3 +254,53 @@ def test_the_row_cap_and_refusals_through_the_binding(rls_db, tenants):
         max_rows=1, timeout_s=1,
     )  # fmt: skip
     assert rows == [(rls_db.count("cfi_stocks", "NORD-01"),)]
+
+
+def test_a_read_cannot_lift_the_limits_of_the_next_read_on_a_pooled_connection(rls_db, tenants):
+    """Every read is rolled back: what it changed in the session (the time limit, the
+    read-only default, the role) is gone before the next read on the same connection."""
+    session, subtree = tenants["NORD"]
+    role = rls_db.role("NORD")
+    _, rows, _ = _run(session, "SELECT current_setting('statement_timeout'), "
+                      "current_setting('default_transaction_read_only')")  # fmt: skip
+    assert rows == [("500ms", "on")]  # set by the login itself
+    _, rows, _ = _run(
+        session,
+        "SELECT set_config('statement_timeout', '0', false), "
+        "set_config('default_transaction_read_only', 'off', false), "
+        "set_config('role', 'cfi_tenant_reader', false), "
+        "(SELECT count(*) FROM cfi_stocks)",
+    )
+    assert rows == [("0", "off", "cfi_tenant_reader", 0)]  # within that read: the group, 0 rows
+    t0 = time.monotonic()
+    with pytest.raises(Refused, match="time limit"):
+        _run(session, "SELECT pg_sleep(60)")
+    assert time.monotonic() - t0 < 30
+    _, rows, _ = _run(session, "SELECT current_user, current_setting('statement_timeout'), "
+                      "current_setting('default_transaction_read_only')")  # fmt: skip
+    assert rows == [(role, "500ms", "on")]
+    _, rows, _ = _run(session, "SELECT DISTINCT tenant_id FROM cfi_stocks")
+    assert rows and {r[0] for r in rows} <= subtree
+
+
+def test_the_guard_keeps_the_readers_query_as_written(rls_db, tenants):
+    """Wrapped as a subquery, a query keeps its order, duplicate column names and a
+    trailing comment; a per-read time limit other than the session's applies to that read."""
+    session, _ = tenants["CFI"]
+    sql = "SELECT sku, tenant_id, tenant_id FROM cfi_stocks ORDER BY sku DESC, tenant_id -- newest"
+    cols, rows, truncated = session.read(sql + ";", max_rows=5)
+    with rls_db.superuser() as su:
+        want = [tuple(r) for r in su.execute(sql.split(" --")[0] + " LIMIT 5")]
+    assert cols == ["sku", "tenant_id", "tenant_id"] and rows == want and truncated
+    with _session(rls_db, "NORD-01", timeout_s=30) as slow:
+        t0 = time.monotonic()
+        with pytest.raises(Refused, match=r"time limit \(0.3 s\)"):
+            slow.read("SELECT pg_sleep(60)", max_rows=1, timeout_s=0.3)
+        assert time.monotonic() - t0 < 10
+        _, rows, _ = slow.read("SELECT current_setting('statement_timeout')", max_rows=1)
+        assert rows == [("30s",)]
+    for sql in ("", " ; ", "SELECT 1; SELECT 2", "SELECT 'a\x00b'"):
+        with pytest.raises(Refused) as exc:
+            session.read(sql, max_rows=1)
+        assert "\n" not in str(exc.value)
+    assert session.read("VALUES (1), (2)", max_rows=1)[1:] == ([(1,)], True)

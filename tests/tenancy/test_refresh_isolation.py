@@ -10,10 +10,10 @@ from collections import Counter
 import pytest
 
 from cfi_pipelines.tenancy import reader_pg
-from cfi_pipelines.tenancy.binding import Refused
+from cfi_pipelines.tenancy.binding import Refused, derive_password
 from cfi_pipelines.views.refresh import refresh_view
 from cfi_pipelines.views.spec import VIEWS
-from tests.tenancy.conftest import TENANTS
+from tests.tenancy.conftest import SECRET, TENANTS
 
 pytestmark = pytest.mark.postgres
 
@@ -26,11 +26,16 @@ READ = (
 )
 
 
+def _session(rls_db, code: str) -> reader_pg.TenantSession:
+    role = rls_db.role(code)
+    return reader_pg.connect(rls_db.url, role, derive_password(SECRET, role), timeout_s=5)
+
+
 def test_readers_see_their_subtree_only_through_full_refreshes(rls_db):
     expected = {}
     for code in TENANTS:
-        with rls_db.as_tenant(code) as conn:
-            _, rows, _ = reader_pg.run(conn, READ, max_rows=1000, timeout_s=5)
+        with _session(rls_db, code) as session:
+            _, rows, _ = session.read(READ, max_rows=1000)
         expected[code] = sorted(rows)
         assert {r[1] for r in rows} <= rls_db.subtree(code)
         assert rows  # every tenant of the suite has rows
@@ -43,10 +48,10 @@ def test_readers_see_their_subtree_only_through_full_refreshes(rls_db):
 
     def poll(code: str) -> None:
         subtree = rls_db.subtree(code)
-        with rls_db.as_tenant(code) as conn:  # one pooled connection, as MyCfia's
+        with _session(rls_db, code) as session:  # one pooled connection, as MyCfia's
             while not done.is_set():
                 try:
-                    _, rows, _ = reader_pg.run(conn, READ, max_rows=1000, timeout_s=5)
+                    _, rows, _ = session.read(READ, max_rows=1000)
                 except Refused as exc:
                     if exc.retryable:
                         retried[code] += 1
