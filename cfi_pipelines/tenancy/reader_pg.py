@@ -38,7 +38,12 @@ from cfi_pipelines.tenancy.binding import RETRYABLE_SQLSTATES, Refused
 
 CONNECT_TIMEOUT_S = 5
 BEGIN, ROLLBACK = b"BEGIN READ ONLY", b"ROLLBACK"
+MAX_PREPARED = 64
 _DONE = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
+
+
+class StalePlan(Exception):
+    """A prepared read whose result columns changed (a view rebuilt with new columns)."""
 
 
 def guarded_sql(sql: str, max_rows: int) -> str:
@@ -61,22 +66,31 @@ def _ms(timeout_s: float) -> int:
 
 
 class TenantSession:
-    """A connection logged in as a tenant's role, for many reads (:meth:`read`)."""
+    """A connection logged in as a tenant's role, for many reads (:meth:`read`).
 
-    def __init__(self, conn: psycopg.Connection, timeout_s: float) -> None:
+    A text read ``prepare_after`` times gets a prepared statement on this connection
+    (as psycopg does for any query run 5 times): its later reads skip parsing and
+    planning. At most ``MAX_PREPARED`` per connection; ``prepare_after=None``: never."""
+
+    def __init__(
+        self, conn: psycopg.Connection, timeout_s: float, *, prepare_after: int | None = 2
+    ) -> None:
         self.conn = conn
         self.timeout_s = timeout_s
+        self.prepare_after = prepare_after
         self._pg = conn.pgconn
         self._tx = Transformer(conn)
+        self._seen: dict[bytes, int] = {}
+        self._prepared: dict[bytes, bytes] = {}  # guarded query -> statement name
 
     @classmethod
-    def wrap(cls, conn: psycopg.Connection, timeout_s: float) -> TenantSession:
+    def wrap(cls, conn: psycopg.Connection, timeout_s: float, **kw: Any) -> TenantSession:
         """A session over a connection opened elsewhere: its time limit and read-only
         default set once, at session level (one round trip)."""
         conn.autocommit = True
         conn.execute(f"SET statement_timeout = {_ms(timeout_s)}")
         conn.execute("SET default_transaction_read_only = on")
-        return cls(conn, timeout_s)
+        return cls(conn, timeout_s, **kw)
 
     def read(
         self, sql: str, *, max_rows: int, timeout_s: float | None = None
@@ -90,20 +104,10 @@ class TenantSession:
             raise Refused(f"not a valid query: {exc}") from None
         if b"\x00" in query:
             raise Refused("not a valid query: NUL character")
-        statements = [BEGIN, query, ROLLBACK]
-        if _ms(timeout_s) != _ms(self.timeout_s):
-            statements.insert(1, f"SET LOCAL statement_timeout = {_ms(timeout_s)}".encode())
         try:
-            results = self._pipeline(statements)
-        except psycopg.Error as exc:
-            raise refusal(exc, timeout_s) from None
-        finally:
-            self._recover()
-        res = results[statements.index(query)]
-        for r in results:
-            if r.status not in _DONE:
-                encoding = self.conn.info.encoding
-                raise refusal(pg_errors.error_from_result(r, encoding=encoding), timeout_s)
+            res = self._run(query, timeout_s)
+        except StalePlan:  # the view's columns changed since it was prepared: once more
+            res = self._run(query, timeout_s)
         self._tx.set_pgresult(res)
         rows = self._tx.load_rows(0, res.ntuples, tuple)
         columns = [
@@ -111,13 +115,66 @@ class TenantSession:
         ]
         return columns, rows[:max_rows], len(rows) > max_rows
 
-    def _pipeline(self, statements: list[bytes]) -> list[pq.PGresult]:
-        """Send ``statements`` and a sync in one write; the first result of each."""
+    def _run(self, query: bytes, timeout_s: float) -> pq.PGresult:
+        ops: list[tuple[str, bytes]] = [("query", BEGIN)]
+        if _ms(timeout_s) != _ms(self.timeout_s):
+            ops.append(("query", f"SET LOCAL statement_timeout = {_ms(timeout_s)}".encode()))
+        name, new = self._statement(query)
+        if name and new:
+            ops.append(("prepare", query))
+        ops.append(("prepared", name) if name else ("query", query))
+        at = len(ops) - 1
+        ops.append(("query", ROLLBACK))
+        try:
+            results = self._pipeline(ops, name)
+        except psycopg.Error as exc:
+            raise refusal(exc, timeout_s) from None
+        finally:
+            self._recover()
+        if name and new and results[at - 1].status == pq.ExecStatus.COMMAND_OK:
+            self._prepared[query] = name
+        for r in results:
+            if r.status not in _DONE:
+                exc = pg_errors.error_from_result(r, encoding=self.conn.info.encoding)
+                if name and not new and exc.sqlstate == "0A000":  # cached plan's row type
+                    self._forget(query, name)
+                    raise StalePlan()
+                raise refusal(exc, timeout_s)
+        return results[at]
+
+    def _statement(self, query: bytes) -> tuple[bytes | None, bool]:
+        """(name of its prepared statement or None, whether to prepare it now)."""
+        if query in self._prepared:
+            return self._prepared[query], False
+        if self.prepare_after is None or len(self._prepared) >= MAX_PREPARED:
+            return None, False
+        seen = self._seen[query] = self._seen.get(query, 0) + 1
+        if len(self._seen) > 4 * MAX_PREPARED:
+            self._seen.clear()
+        if seen < self.prepare_after:
+            return None, False
+        return f"cfi_read_{len(self._prepared)}".encode(), True
+
+    def _forget(self, query: bytes, name: bytes) -> None:
+        self._prepared.pop(query, None)
+        self._seen.pop(query, None)
+        try:
+            self.conn.execute(f"DEALLOCATE {name.decode()}")  # type: ignore[arg-type]
+        except psycopg.Error:
+            self.conn.close()
+
+    def _pipeline(self, ops: list[tuple[str, bytes]], name: bytes | None) -> list[pq.PGresult]:
+        """Send ``ops`` and a sync in one write; the first result of each."""
         pg = self._pg
         pg.enter_pipeline_mode()
         try:
-            for statement in statements:
-                pg.send_query_params(statement, None)
+            for kind, payload in ops:
+                if kind == "query":
+                    pg.send_query_params(payload, None)
+                elif kind == "prepare":
+                    pg.send_prepare(name or b"", payload)
+                else:
+                    pg.send_query_prepared(payload, None)
             pg.pipeline_sync()
             while pg.flush():
                 _wait(pg, write=True)

@@ -304,3 +304,22 @@ def test_the_guard_keeps_the_readers_query_as_written(rls_db, tenants):
             session.read(sql, max_rows=1)
         assert "\n" not in str(exc.value)
     assert session.read("VALUES (1), (2)", max_rows=1)[1:] == ([(1,)], True)
+
+
+def test_a_repeated_read_is_prepared_and_follows_a_view_whose_columns_change(rls_db, tenants):
+    session, subtree = tenants["NORD-01"]
+    sql = "SELECT * FROM cfi_stocks ORDER BY sku LIMIT 3"
+    first = session.read(sql, max_rows=10)
+    for _ in range(3):
+        assert session.read(sql, max_rows=10) == first
+    _, prepared, _ = session.read("SELECT statement FROM pg_prepared_statements", max_rows=10)
+    assert any("ORDER BY sku LIMIT 3" in s for (s,) in prepared), prepared
+    with rls_db.superuser() as su:
+        su.execute("ALTER TABLE cfi_stocks ADD COLUMN extra int")
+    try:  # the prepared plan's row type changed: prepared again, read once more
+        cols, rows, _ = session.read(sql, max_rows=10)
+        assert cols == [*first[0], "extra"]
+        assert rows and {r[cols.index("tenant_id")] for r in rows} <= subtree
+    finally:
+        with rls_db.superuser() as su:
+            su.execute("ALTER TABLE cfi_stocks DROP COLUMN extra")
