@@ -45,6 +45,8 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / ".screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
+# a deadline against a hung browser, not a speed target (a loaded machine renders slowly)
+BROWSER_DEADLINE_S = 180
 VIEWS = ("stocks", "operations", "invoices", "campaigns")
 LOCATION = "cfi_pipelines"  # the one name: workspace.yaml, pyproject.toml, `cfi-pipelines dev`
 DELIVERY_DEADLINE_S = 60.0  # issue 3: validated -> on the server in under 60 s
@@ -246,7 +248,7 @@ def test_dev_ui_in_a_browser_and_the_daemon_delivers(
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is absent: apt-get install -y chromium (.ci/run does)")
     url = dev_session.url
-    poll("the Dagster webserver's GraphQL endpoint", 90, lambda: _ready(dev_session))
+    poll("the Dagster webserver's GraphQL endpoint", 180, lambda: _ready(dev_session))
     started = time.monotonic()
 
     # GraphQL: the four views and their checks (evaluated by the demo's runs)
@@ -299,17 +301,17 @@ def test_dev_ui_in_a_browser_and_the_daemon_delivers(
     }
     for png in pages:
         png.unlink(missing_ok=True)
-    browsers = {
-        png: _browse(page_url, png, tmp_path / f"chromium-{n}")
-        for n, (png, (page_url, _)) in enumerate(pages.items())
-    }
-    try:
-        doms = {png: b.communicate(timeout=60)[0] for png, b in browsers.items()}
-    finally:
-        for b in browsers.values():
-            if b.poll() is None:
-                b.kill()
-                b.wait()
+    # One browser at a time: three at once on a 2-core machine already running the UI, the
+    # daemon and the rest of the suite could miss the (generous) per-page deadline.
+    doms = {}
+    for n, (png, (page_url, _)) in enumerate(pages.items()):
+        browser = _browse(page_url, png, tmp_path / f"chromium-{n}")
+        try:
+            doms[png] = browser.communicate(timeout=BROWSER_DEADLINE_S)[0]
+        finally:
+            if browser.poll() is None:
+                browser.kill()
+                browser.wait()
     for png, (page_url, names) in pages.items():
         text = _visible_text(doms[png])
         assert not UI_ERROR_TEXT.search(text), f"{page_url} shows an error: {text[:2000]}"
@@ -321,7 +323,7 @@ def test_dev_ui_in_a_browser_and_the_daemon_delivers(
 
     # The daemon. Once the runs of its start-up are done (the sensor's first tick, the
     # schedules), a campaign is validated; nothing else is done to export it.
-    poll("the daemon's start-up runs to finish", 60, lambda: not _in_flight(url), every=1.0)
+    poll("the daemon's start-up runs to finish", 180, lambda: not _in_flight(url), every=1.0)
     engine = create_engine(f"sqlite:///{dev_session.home}/mycfia.db")
     with engine.begin() as conn:
         add_campaign(conn, 9001, tenant_code="E2E", name="Campagne e2e", revision=4)
@@ -400,7 +402,7 @@ def test_dev_ui_in_a_browser_and_the_daemon_delivers(
     shot = _browse(
         f"{url}/assets/cfi_export/campaign_delivery?view=partitions", png, tmp_path / "chromium-f"
     )
-    text = _visible_text(shot.communicate(timeout=60)[0])
+    text = _visible_text(shot.communicate(timeout=BROWSER_DEADLINE_S)[0])
     assert "Failed (1)" in text and f"Missing ({len(rejected)})" in text, text[:2000]
     print(f"screenshot: {png} (9002 failed over SFTP: red; rejected {sorted(rejected)}: missing)")
 
