@@ -51,7 +51,8 @@ ROLE_DEFAULTS = {
     "idle_in_transaction_session_timeout": "30s",
 }
 """Defaults of each tenant role: a backstop only (a role may change its own
-defaults); the binding sets the time limit per statement."""
+defaults); the binding sets the time limit and read-only default in the login's
+startup options, and rolls every read back."""
 SCRAM_ITERATIONS = 4096
 
 
