@@ -27,13 +27,23 @@ its peak RSS is its own:
                     ``merge`` with ``dlt.sources.incremental("source_updated_at")``
                     (SQLite through dlt's sqlalchemy destination)
 - incremental:      after 1 % of the stock rows changed (quantity and updated_at),
-                    ours, sling's and dlt's, ``--repeat`` rounds
+                    ours (``mode="incremental"``: the ``updated_at`` path), sling's and
+                    dlt's, ``--repeat`` rounds
+- apply (PostgreSQL): on the same change, ``refresh_view`` (auto) taking the exact
+                    path: the source runs on its own server with ``wal_level=logical``
+                    and CFI's DBA script (publication, REPLICA IDENTITY FULL), so the
+                    full refreshes record a slot position and the round applies the
+                    decoded changes by key (``views/apply.py``). Its own server: the
+                    slot decodes only the source's WAL, not the loads into the common DB
+                    (in production the two are different servers too). SQLite has no
+                    change log: its incremental is the timestamp path
 
 Peers that are not installed are skipped with a note (they are no dependency of
 the project). Key measurements run ``--repeat`` times: medians are printed. Our
 refreshes print a per-step breakdown (the refresh module's steps wrapped with
 timers from here). Then the ratios against the targets: ours/((b)+indexes) ≤ 1.1,
-incremental/full ≤ 0.10, best peer/ours ≥ 2 (full and incremental), peak RSS < 150 MB.
+incremental/full and apply/full ≤ 0.10, best peer/ours ≥ 2 (full and incremental),
+sling incremental/ours apply ≥ 2, peak RSS < 150 MB.
 """
 
 from __future__ import annotations
@@ -121,12 +131,24 @@ _STEP_NAMES = (
     "sync_after_refresh",
     "exact_capture",
     "_take_position",
+    "read_positions",
+    "affected_keys",
+    "recompute",
+    "relay",
+    "_count_keys",
+    "_delete_existing",
+    "insert_rows",
+    "write_position",
 )
+TIMED_METHODS = {
+    # class -> methods: the capture's own reads (the slot), timed the same way
+    "cfi_pipelines.views.capture.pg_logical.PgLogicalCapture": ("changes", "release"),
+}
 TIMED_STEPS = {
     # module attribute -> step label; wrapped from here, production code untouched. Each
     # step module calls the names it imported, so every module holding one is wrapped.
     f"cfi_pipelines.views.{m}": _STEP_NAMES
-    for m in ("refresh", "status", "load", "swap", "incremental")
+    for m in ("refresh", "status", "load", "swap", "incremental", "apply")
 }  # fmt: skip
 
 
@@ -137,21 +159,26 @@ def _time_steps() -> None:
     import functools
     import importlib
 
-    for module_name, names in TIMED_STEPS.items():
-        module = importlib.import_module(module_name)
+    targets = [(importlib.import_module(m), names, "") for m, names in TIMED_STEPS.items()]
+    for path, names in TIMED_METHODS.items():
+        module_name, _, cls = path.rpartition(".")
+        targets.append((getattr(importlib.import_module(module_name), cls), names, "capture."))
+    for module, names, prefix in targets:
         for name in names:
             fn = getattr(module, name, None)
             if fn is None:
                 continue
 
-            def wrap(fn=fn, name=name):
+            label = prefix + name.lstrip("_")
+
+            def wrap(fn=fn, name=label):
                 @functools.wraps(fn)
                 def timed(*a, **kw):
                     t = time.perf_counter()
                     try:
                         return fn(*a, **kw)
                     finally:
-                        acc = STEPS.setdefault(name.lstrip("_"), [0.0, 0])
+                        acc = STEPS.setdefault(name, [0.0, 0])
                         acc[0] += time.perf_counter() - t
                         acc[1] += 1
 
@@ -190,7 +217,7 @@ def _warm_imports() -> None:
         importlib.import_module(f"cfi_pipelines.views.capture.{name}")
 
 
-def child_ours(source: str, target: str, mode: str) -> tuple[float, int]:
+def child_ours(source: str, target: str, mode: str, expect: str | None = None) -> tuple[float, int]:
     from cfi_pipelines.db import create_engine
     from cfi_pipelines.views.refresh import refresh_view
     from cfi_pipelines.views.spec import get_view
@@ -201,8 +228,8 @@ def child_ours(source: str, target: str, mode: str) -> tuple[float, int]:
     started = time.perf_counter()
     result = refresh_view(get_view("stocks"), src, tgt, mode=mode)
     seconds = time.perf_counter() - started
-    if result.mode != mode:
-        raise SystemExit(f"asked for a {mode} refresh, got {result.mode}")
+    if result.mode != (expect or mode):
+        raise SystemExit(f"asked for a {expect or mode} refresh, got {result.mode}")
     return seconds, result.loaded
 
 
@@ -468,21 +495,27 @@ CHILDREN = {
     "dlt-replace": lambda s, t: child_dlt(s, t, "replace"),
     "dlt-merge": lambda s, t: child_dlt(s, t, "merge"),
     "ours-incremental": lambda s, t: child_ours(s, t, "incremental"),
+    "ours-apply": lambda s, t: child_ours(s, t, "auto", expect="apply"),
     "pandas": child_pandas,
     "native": child_native,
     "native-indexed": lambda s, t: child_native(s, t, indexed=True),
 }
 
 
-SERVER_PID: int | None = None
-"""The benchmark's PostgreSQL postmaster, whose CPU (and its children's) is measured."""
+SERVER_PIDS: list[int] = []
+"""The benchmark's PostgreSQL postmasters (source, common), whose CPU (and their
+children's) is measured."""
 
 
 def _server_cpu_s() -> float:
     """CPU seconds of the PostgreSQL server so far: the postmaster, the backends it has
     reaped (cutime/cstime) and the ones alive (Linux /proc). 0 without a server."""
-    if SERVER_PID is None:
+    if not SERVER_PIDS:
         return 0.0
+    return sum(_postmaster_cpu_s(pid) for pid in SERVER_PIDS)
+
+
+def _postmaster_cpu_s(server_pid: int) -> float:
     tick = os.sysconf("SC_CLK_TCK")
 
     def fields(pid: str) -> list[str] | None:
@@ -492,11 +525,11 @@ def _server_cpu_s() -> float:
             return None
         return text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
 
-    root = fields(str(SERVER_PID)) or []
+    root = fields(str(server_pid)) or []
     total = sum(int(x) for x in root[11:15]) if root else 0  # utime stime cutime cstime
     for pid in filter(str.isdigit, os.listdir("/proc")):
         f = fields(pid)
-        if f and f[1] == str(SERVER_PID):  # ppid
+        if f and f[1] == str(server_pid):  # ppid
             total += sum(int(x) for x in f[11:15])
     return total / tick
 
@@ -534,12 +567,18 @@ class Databases:
     scratch: str  # where (a) and (b) write
     reset_common: Callable[[], None]  # empties the common DB
     peer_target: Callable[[str], str]  # where a peer (sling, dlt) writes
+    exact: bool = False  # the source has a change log (PostgreSQL logical decoding)
 
 
 SEED_PATH = "sql"  # --seed: sql (seed_source_fast, stocks tables only) or python (seed_source)
 
 
-def _seed(url: str, scale: int) -> dict[str, int]:
+DBA_LOGICAL_SQL = Path(__file__).resolve().parents[1] / "deploy/sql/postgresql_logical_decoding.sql"
+SOURCE_SETTINGS = ("wal_level=logical", "max_replication_slots=8", "synchronous_commit=on")
+"""The PostgreSQL source's server: logical decoding on (what CFI's DBA enables)."""
+
+
+def _seed(url: str, scale: int, *, dba_sql: Path | None = None) -> dict[str, int]:
     from cfi_pipelines.db import create_engine
     from cfi_pipelines.devtools.seed import seed_source, seed_source_fast
 
@@ -548,6 +587,11 @@ def _seed(url: str, scale: int) -> dict[str, int]:
     counts = seed(engine, scale=scale)
     with engine.begin() as conn:  # what the peers read: the stocks query as a SQL view
         conn.exec_driver_sql(f"CREATE VIEW {PEER_VIEW} AS {stocks_sql(engine.dialect)}")
+    if dba_sql is not None:  # publication, REPLICA IDENTITY FULL, the reading role
+        with engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            raw.execute(dba_sql.read_text())
+            raw.commit()
     engine.dispose()
     return counts
 
@@ -581,11 +625,14 @@ def postgres_databases(stack: ExitStack, scale: int) -> Databases:
 
     from cfi_pipelines.devtools.postgres import PASSWORD, SUPERUSER, TempPostgres
 
-    global SERVER_PID
+    # CFI's source on its own server with logical decoding (the apply's slot then decodes
+    # the source's WAL only, as in production); the common DB, scratch and peers on another
+    source_pg = stack.enter_context(TempPostgres(settings=SOURCE_SETTINGS))
     pg = stack.enter_context(TempPostgres())
-    SERVER_PID = int((pg.root / "data" / "postmaster.pid").read_text().split()[0])
-    source, scratch = pg.create_database("cfi_source"), pg.create_database("cfi_scratch")
-    _seed(source, scale)
+    for server in (source_pg, pg):
+        SERVER_PIDS.append(int((server.root / "data" / "postmaster.pid").read_text().split()[0]))
+    source, scratch = source_pg.create_database("cfi_source"), pg.create_database("cfi_scratch")
+    _seed(source, scale, dba_sql=DBA_LOGICAL_SQL)
 
     def reset() -> None:
         with psycopg.connect(
@@ -596,7 +643,7 @@ def postgres_databases(stack: ExitStack, scale: int) -> Databases:
             conn.execute('CREATE DATABASE "cfi_common"')
 
     peers = {p: pg.create_database(f"cfi_{p}") for p in ("sling", "dlt")}
-    return Databases(source, pg.url("cfi_common"), scratch, reset, peers.__getitem__)
+    return Databases(source, pg.url("cfi_common"), scratch, reset, peers.__getitem__, exact=True)
 
 
 def change_stock_rows(source: str) -> int:
@@ -683,6 +730,8 @@ def measure(
         print(f"  ({changed:,} stock rows changed, round {i + 1}/{repeat})", flush=True)
         for label, child, target in (
             ("ours incremental 1 %", "ours-incremental", dbs.common),
+            # the exact path on the same change (the slot's position: the last refresh)
+            *([("ours apply 1 %", "ours-apply", dbs.common)] if dbs.exact else []),
             # the peers once (round 1): minutes each, many times the noise
             *([("sling incremental 1 %", "sling-incremental", dbs.peer_target("sling"))] if have_sling and i == 0 else []),
             *([("dlt merge 1 %", "dlt-merge", dbs.peer_target("dlt"))] if have_dlt and i == 0 else []),
@@ -705,7 +754,9 @@ def measure(
             f"({r['rows']:,} rows)  runs {r['all']}",
             flush=True,
         )
-    for label in ("ours full, populated", "ours incremental 1 %"):
+    for label in ("ours full, populated", "ours incremental 1 %", "ours apply 1 %"):
+        if label not in out:
+            continue
         steps = out[label].get("steps") or {}
         print(f"  steps of {label} (median s, calls):")
         for k, (sec, calls) in sorted(steps.items(), key=lambda kv: -kv[1][0]):
@@ -724,14 +775,19 @@ def ratios(r: dict[str, dict]) -> dict[str, float | None]:
 
     peer_full = best("sling full-refresh", "dlt replace")
     peer_incr = best("sling incremental 1 %", "dlt merge 1 %")
+    sling_incr = best("sling incremental 1 %")
+    apply = best("ours apply 1 %")
     return {
         "ours/((b)+idx)": full / r["(b) + view's indexes"]["seconds"],
         "ours/(b)": full / r["(b) native copy"]["seconds"],
         "ours empty/(b)": r["ours full, empty"]["seconds"] / r["(b) native copy"]["seconds"],
         "(a)/ours": r["(a) pandas"]["seconds"] / full if "(a) pandas" in r else None,
         "incr/full": incr / full,
+        "apply/full": apply / full if apply else None,
         "best peer/ours full": peer_full / full if peer_full else None,
         "best peer/ours incr": peer_incr / incr if peer_incr else None,
+        "sling incr/ours incr": sling_incr / incr if sling_incr else None,
+        "sling incr/ours apply": sling_incr / apply if sling_incr and apply else None,
         "rss_mb": ours_rss,
         **(
             {
@@ -771,8 +827,11 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
         "ours empty/(b)": ("{:.2f}x", "info", None),
         "(a)/ours": ("{:.1f}x", "≥ 5", lambda v: v >= TARGETS["(a)/ours"]),
         "incr/full": ("{:.3f}", "≤ 0.10", lambda v: v <= TARGETS["incr/full"]),
+        "apply/full": ("{:.3f}", "≤ 0.10", lambda v: v <= TARGETS["incr/full"]),
         "best peer/ours full": ("{:.1f}x", "≥ 2", lambda v: v >= TARGETS["peer/ours"]),
         "best peer/ours incr": ("{:.1f}x", "≥ 2", lambda v: v >= TARGETS["peer/ours"]),
+        "sling incr/ours incr": ("{:.1f}x", "≥ 2", lambda v: v >= TARGETS["peer/ours"]),
+        "sling incr/ours apply": ("{:.1f}x", "≥ 2", lambda v: v >= TARGETS["peer/ours"]),
         "rss_mb": ("{:.0f} MB", "< 150 MB", lambda v: v < TARGETS["rss_mb"]),
         "cpu: ours/((b)+idx)": ("{:.2f}x", "info", None),
         "cpu: sling/ours full": ("{:.1f}x", "info", None),

@@ -41,7 +41,7 @@ from cfi_pipelines.db import insert_rows
 from cfi_pipelines.views.capture.base import Capture, ChangeSet, RowChange
 from cfi_pipelines.views.incremental import stale_keys
 from cfi_pipelines.views.keys import Dependency, key_predicate, keys_per_query
-from cfi_pipelines.views.load import _begin, _count
+from cfi_pipelines.views.load import COPY_CHUNK_BYTES, _begin, _binary_select, _count
 from cfi_pipelines.views.positions import read_positions, write_position
 from cfi_pipelines.views.reconcile import deleted_keys
 from cfi_pipelines.views.result import DEFAULT_MAX_DROP_SHARE, RefreshRefused, RefreshResult
@@ -119,6 +119,66 @@ def recompute(spec: ViewSpec, keys: Sequence[tuple], source: sa.Connection) -> l
     return rows
 
 
+def relay(spec: ViewSpec, keys: Sequence[tuple], source: Engine, conn: sa.Connection) -> int:
+    """PostgreSQL → PostgreSQL: the view rows of ``keys`` computed on the source (as
+    :func:`recompute`) and copied into the live view inside ``conn``'s transaction, in
+    the binary COPY format, never through Python objects; the rows copied. O(len(keys)).
+
+    The keyed query's key arrays are bound by psycopg on the client (COPY takes no server
+    parameters); the columns are cast to the view's types as the full load does."""
+    prep = conn.dialect.identifier_preparer
+    cols = spec.columns
+    into_sql = (
+        f"COPY {prep.format_table(spec.table)} ({', '.join(prep.quote(c) for c in cols)}) "
+        "FROM STDIN (FORMAT BINARY)"
+    )
+    params = spec.params()
+    t_raw = conn.connection.driver_connection
+    copied = 0
+    step = keys_per_query("postgresql")
+    with source.connect() as sconn:
+        s_raw = sconn.connection.driver_connection
+        for i in range(0, len(keys), step):
+            keyed = spec.keyed_query(keys[i : i + step], "postgresql").params(**params)
+            q = keyed.compile(dialect=source.dialect).construct_expanded_state()
+            typed = _binary_select(q.statement, [spec.table.c[c] for c in cols], conn.dialect)
+            out_sql = f"COPY ({typed}) TO STDOUT (FORMAT BINARY)"
+            with s_raw.cursor() as scur, t_raw.cursor() as tcur:
+                with scur.copy(out_sql, q.parameters) as out, tcur.copy(into_sql) as into:
+                    chunk = bytearray()  # one write per block would be one wait loop per row
+                    for block in out:
+                        chunk += block
+                        if len(chunk) >= COPY_CHUNK_BYTES:
+                            into.write(chunk)
+                            chunk = bytearray()
+                    if chunk:
+                        into.write(chunk)
+                copied += tcur.rowcount
+        sconn.rollback()
+    return copied
+
+
+def _count_keys(conn: sa.Connection, spec: ViewSpec, keys: Sequence[tuple]) -> int:
+    """How many of ``keys`` the view holds (unique key index). O(len(keys))."""
+    cols = [spec.table.c[k] for k in spec.key]
+    step = keys_per_query(conn.dialect.name)
+    return sum(
+        conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(spec.table)
+            .where(key_predicate(cols, keys[i : i + step], conn.dialect.name))
+        )
+        or 0
+        for i in range(0, len(keys), step)
+    )
+
+
+def _pg_to_pg(source: Engine, target: Engine) -> bool:
+    return all(
+        e.dialect.name == "postgresql" and e.dialect.driver == "psycopg" for e in (source, target)
+    )
+
+
 def _delete_existing(conn: sa.Connection, spec: ViewSpec, keys: Sequence[tuple]) -> set[tuple]:
     """Delete the cached rows of ``keys``; the keys the cache held (unique key index)."""
     cols = [spec.table.c[k] for k in spec.key]
@@ -163,28 +223,37 @@ def apply_batch(
         keys |= {(k,) for k in stale_keys(spec, source, target)}
         keys |= {tuple(k) for k in deleted_keys(spec, source, target)}
     ordered = sorted(keys)
-    with source.connect() as sconn:
-        rows = recompute(spec, ordered, sconn)
+    relayed = _pg_to_pg(source, target)
+    rows: list[tuple] = []
+    if not relayed:  # read before the write transaction opens
+        with source.connect() as sconn:
+            rows = recompute(spec, ordered, sconn)
     key_index = [spec.columns.index(k) for k in spec.key]
-    returned = {tuple(r[i] for i in key_index) for r in rows}
     with _begin(target) as conn:
         count = _count(conn, spec.table) if last_rows is None else last_rows
-        existing = _delete_existing(conn, spec, ordered) if ordered else set()
-        gone = existing - returned
-        if gone and not force and len(gone) > max_drop_share * max(count, 1):
-            raise RefreshRefused(spec.name, count - len(gone), count, max_drop_share)  # rolled back
-        insert_rows(conn, spec.table, rows, spec.columns)
+        existing = sorted(_delete_existing(conn, spec, ordered)) if ordered else []
+        if relayed:  # straight from the source into the view: count what came back
+            loaded = relay(spec, ordered, source, conn) if ordered else 0
+            kept = _count_keys(conn, spec, existing) if existing else 0
+        else:
+            returned = {tuple(r[i] for i in key_index) for r in rows}
+            loaded, kept = len(rows), len(returned.intersection(existing))
+        gone = len(existing) - kept
+        if gone and not force and gone > max_drop_share * max(count, 1):
+            raise RefreshRefused(spec.name, count - gone, count, max_drop_share)  # rolled back
+        if not relayed:
+            insert_rows(conn, spec.table, rows, spec.columns)
         _write_closure(conn, closure)
-        inserted = len(returned - existing)
+        inserted = loaded - kept
         result = RefreshResult(
             view=spec.name,
             mode="apply",
             source="db",
-            rows=count + inserted - len(gone),
-            loaded=len(rows),
+            rows=count + inserted - gone,
+            loaded=loaded,
             inserted=inserted,
-            updated=len(returned & existing),
-            deleted=len(gone),
+            updated=kept,
+            deleted=gone,
             duration_s=time.perf_counter() - started,
             source_snapshot_at=snapshot_at,
             watermark=watermark,
