@@ -10,6 +10,7 @@ caller turns column text into Python values with the source table's SQLAlchemy t
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -64,6 +65,7 @@ class Transaction:
 
 
 _STRUCTS: dict[str, struct.Struct] = {}
+_INT16, _INT32 = struct.Struct("!h"), struct.Struct("!i")
 
 
 class _Reader:
@@ -83,21 +85,22 @@ class _Reader:
         return text
 
     def tuple(self, rel: Relation) -> Tuple:
-        n = self.take("!h")
-        values: dict[str, str | None] = {}
         data, pos = self.data, self.pos
+        (n,) = _INT16.unpack_from(data, pos)
+        pos += 2
+        values: dict[str, str | None] = {}
+        columns = rel.columns
         for i in range(n):
-            kind = data[pos : pos + 1]
+            kind = data[pos]
             pos += 1
-            if kind == b"n":
-                values[rel.columns[i]] = None
-            elif kind == b"u":  # unchanged TOAST value: not sent
-                continue
-            else:  # b"t" text (b"b" binary is only sent when asked for)
-                length = int.from_bytes(data[pos : pos + 4], "big", signed=True)
+            if kind == 0x74:  # b"t" text (b"b" binary is only sent when asked for)
+                (length,) = _INT32.unpack_from(data, pos)
                 pos += 4
-                values[rel.columns[i]] = data[pos : pos + length].decode()
+                values[columns[i]] = data[pos : pos + length].decode()
                 pos += length
+            elif kind == 0x6E:  # b"n" NULL
+                values[columns[i]] = None
+            # b"u": unchanged TOAST value, not sent
         self.pos = pos
         return Tuple(values)
 
@@ -177,13 +180,43 @@ def _converter(column: sa.Column):
 _CONVERTERS: dict[tuple[str, str], Any] = {}
 
 
-def typed(table: sa.Table, values: dict[str, str | None]) -> dict[str, Any]:
-    """Column text → the Python types of ``table``'s columns (unknown columns kept as text)."""
-    out: dict[str, Any] = {}
-    for name, text in values.items():
-        fn = _CONVERTERS.get((table.name, name))
-        if fn is None:
-            col = table.c.get(name)
-            fn = _CONVERTERS.setdefault((table.name, name), str if col is None else _converter(col))
-        out[name] = None if text is None else fn(text)
-    return out
+def _convert(table: sa.Table, name: str, text: str | None) -> Any:
+    if text is None:
+        return None
+    fn = _CONVERTERS.get((table.name, name))
+    if fn is None:
+        col = table.c.get(name)
+        fn = _CONVERTERS.setdefault((table.name, name), str if col is None else _converter(col))
+    return fn(text)
+
+
+class TypedRow(Mapping[str, Any]):
+    """A row image whose column text becomes the column's Python type when read: the
+    apply reads the few columns that name view keys (converting every column of 10k
+    row images cost more than decoding them)."""
+
+    __slots__ = ("_table", "_text")
+
+    def __init__(self, table: sa.Table, values: dict[str, str | None]) -> None:
+        self._table, self._text = table, values
+
+    def __getitem__(self, name: str) -> Any:
+        return _convert(self._table, name, self._text[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._text
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._text)
+
+    def __len__(self) -> int:
+        return len(self._text)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+def typed(table: sa.Table, values: dict[str, str | None]) -> Mapping[str, Any]:
+    """Column text → the Python types of ``table``'s columns (unknown columns kept as
+    text), converted when read (:class:`TypedRow`)."""
+    return TypedRow(table, values)
