@@ -66,7 +66,8 @@ def _ms(timeout_s: float) -> int:
 
 
 class TenantSession:
-    """A connection logged in as a tenant's role, for many reads (:meth:`read`).
+    """A connection logged in as a tenant's role, for many reads (:meth:`read`), one
+    thread at a time (a pool hands each connection to one reader).
 
     A text read ``prepare_after`` times gets a prepared statement on this connection
     (as psycopg does for any query run 5 times): its later reads skip parsing and
@@ -217,8 +218,14 @@ class TenantSession:
 
 
 def _wait(pg: pq.abc.PGconn, *, write: bool = False) -> None:
+    """Block until the socket is readable (or writable); poll: no FD_SETSIZE limit."""
     fd = pg.socket
-    select.select([] if write else [fd], [fd] if write else [], [])
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT if write else select.POLLIN)
+        poller.poll()
+    else:  # Windows
+        select.select([] if write else [fd], [fd] if write else [], [])
 
 
 def connect(common_url: str, role: str, password: str, *, timeout_s: float) -> TenantSession:
