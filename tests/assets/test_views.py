@@ -272,3 +272,28 @@ def test_a_quiet_view_verified_current_reads_fresh_in_the_ui_as_in_status(tmp_pa
     assert ui not in ("DEGRADED", "WARNING"), node  # the UI agrees with the check: not red
     health = node["assetHealth"] or {}  # None unless the instance computes asset health
     assert health.get("freshnessStatus") not in ("DEGRADED", "WARNING"), node
+
+
+def test_not_empty_reads_no_source_table_while_the_view_has_rows(sqlite_dbs):
+    """It runs after every applied change: a count of CFI's table there would be O(table)."""
+    defs = _defs(sqlite_dbs)
+    instance = dg.DagsterInstance.ephemeral()
+    defs.resolve_job_def("refresh_views").execute_in_process(instance=instance)
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, *args) -> None:
+        seen.append(statement)
+
+    source = DatabaseResource(url=sqlite_dbs.source_url).engine()
+    sa.event.listen(source, "before_cursor_execute", record)
+    try:
+        result = defs.resolve_job_def("check_views").execute_in_process(instance=instance)
+    finally:
+        sa.event.remove(source, "before_cursor_execute", record)
+    checks = _checks(result)
+    with sqlite_dbs.common.connect() as conn:
+        stocks = conn.scalar(sa.select(sa.func.count()).select_from(common.cfi_stocks))
+    assert checks[("stocks", "not_empty")].passed
+    assert checks[("stocks", "not_empty")].metadata["view_rows"].value == stocks > 0
+    assert "source_rows" not in checks[("stocks", "not_empty")].metadata
+    assert not [s for s in seen if "stock_levels" in s or "campaigns" in s], seen
