@@ -55,6 +55,13 @@ AUTOVACUUM_MARGIN_MS = 300
 """When autovacuum alone held the lock, the next attempt waits deadlock_timeout plus
 this: PostgreSQL cancels an autovacuum that blocks a waiter for deadlock_timeout (1 s
 by default), which a 200 ms attempt never reaches. Readers queue that long, once."""
+SWAP_LOCK_RUNNING_MAX_MS = 5000
+"""When every holder was running a statement (a long read, not a transaction left open),
+the next attempt waits twice as long as the last, up to this. Reads longer than an
+attempt that follow each other closely (or overlap) would otherwise hold the table at
+every attempt: at 10M rows, a reader counting the view in a loop (~1 s a count) made
+every full refresh fail. Readers queued behind the rename stall that long, once, as
+they would behind any statement that needs the table to itself."""
 
 
 def swap_statements(dialect: str, live: str, staging: str, old: str) -> list[str]:
@@ -103,11 +110,12 @@ class SwapLockTimeout(RefreshError):
             who = "; ".join(_describe_holder(h) for h in holders)
         else:
             who = "lock held by a session that released it before it could be named"
-        why = (
-            "autovacuum kept working on the table (a wraparound vacuum is never cancelled)"
-            if holders and all(is_autovacuum(h) for h in holders)
-            else "A reader probably left its transaction open"
-        )
+        if holders and all(is_autovacuum(h) for h in holders):
+            why = "autovacuum kept working on the table (a wraparound vacuum is never cancelled)"
+        elif holders and all(is_running(h) for h in holders):
+            why = "Readers kept running statements on the table, each longer than the swap waits"
+        else:
+            why = "A reader probably left its transaction open"
         super().__init__(
             f"view {view}: not swapped in, the swap waited {attempts} times "
             f"{SWAP_LOCK_TIMEOUT_MS} ms or more for its lock: {who}. {why}; the live view is "
@@ -122,6 +130,12 @@ def is_autovacuum(h: dict) -> bool:
     if h.get("backend_type"):
         return h["backend_type"] == "autovacuum worker"
     return not h.get("usename") and h.get("mode") == "ShareUpdateExclusiveLock"
+
+
+def is_running(h: dict) -> bool:
+    """Whether a lock holder is running a statement (it will end by itself), as opposed to
+    a transaction left open; known only when its state is visible (see is_autovacuum)."""
+    return h.get("state") == "active" and not is_autovacuum(h)
 
 
 def _describe_holder(h: dict) -> str:
@@ -218,6 +232,11 @@ def _swap_with_retries(
     held the live table, the next attempt waits deadlock_timeout +
     :data:`AUTOVACUUM_MARGIN_MS` so that PostgreSQL cancels it, and the holder is named
     as autovacuum, not as a reader.
+
+    Long reads (PostgreSQL): when every holder was running a statement, the next attempt
+    waits twice as long, up to :data:`SWAP_LOCK_RUNNING_MAX_MS` (the reads end by
+    themselves; readers arriving meanwhile queue behind the rename that long, once). A
+    holder idle in its transaction, or whose state is not visible, keeps the short wait.
     """
     wait_ms = SWAP_LOCK_TIMEOUT_MS
     for attempt in range(1, SWAP_LOCK_ATTEMPTS + 1):
@@ -241,6 +260,8 @@ def _swap_with_retries(
                 raise SwapLockTimeout(spec.name, attempt, holders) from exc
             if holders and all(is_autovacuum(h) for h in holders):
                 wait_ms = _deadlock_timeout_ms(target) + AUTOVACUUM_MARGIN_MS
+            elif holders and all(is_running(h) for h in holders):
+                wait_ms = min(max(wait_ms, SWAP_LOCK_TIMEOUT_MS) * 2, SWAP_LOCK_RUNNING_MAX_MS)
             else:
                 wait_ms = SWAP_LOCK_TIMEOUT_MS
             time.sleep(SWAP_RETRY_PAUSE_S * attempt)

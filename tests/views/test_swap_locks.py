@@ -151,3 +151,45 @@ def test_idle_in_transaction_reader_does_not_stall_readers_and_is_named(
 def test_swap_lock_timeout_is_short():
     """Readers queued behind the waiting rename stall at most one attempt."""
     assert swap_step.SWAP_LOCK_TIMEOUT_MS <= 500
+
+
+def test_reads_longer_than_an_attempt_do_not_starve_the_swap(pg_dbs, postgres):
+    """Two readers whose reads (2 s each, staggered by 1 s) keep the live view busy at
+    every moment, as a reader counting a 10M-row view in a loop did: each short attempt
+    meets a read with more than its wait left. The swap waits longer when the holders are
+    running statements, gets through, and the readers only ever see the complete view."""
+    spec = get_view("stocks")
+    refresh_view(spec, pg_dbs.source, pg_dbs.common, mode="full")
+    with pg_dbs.common.begin() as conn:
+        conn.exec_driver_sql(GRANTS.read_text())
+        conn.exec_driver_sql("ALTER ROLE mycfia_readonly PASSWORD 'ro-secret'")
+    done = threading.Event()
+    seen: list[int] = []
+    errors: list[BaseException] = []
+    looping = [threading.Event(), threading.Event()]
+
+    def read(i: int) -> None:
+        try:
+            with _connect(pg_dbs, postgres, autocommit=True) as conn:
+                conn.execute("SELECT pg_sleep(%s)", (float(i),))  # the stagger: 1 s
+                looping[i].set()
+                while not done.is_set():
+                    cur = conn.execute("SELECT (SELECT count(*) FROM cfi_stocks), pg_sleep(2)")
+                    seen.append(cur.fetchone()[0])
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in (0, 1)]
+    for t in readers:
+        t.start()
+    try:
+        assert all(e.wait(timeout=30) for e in looping)
+        result = refresh_view(spec, pg_dbs.source, pg_dbs.common, mode="full")
+        assert result.rows == ROWS
+        assert read_status(pg_dbs.common)["stocks"]["error"] is None
+    finally:
+        done.set()
+        for t in readers:
+            t.join(timeout=30)
+    assert not errors, errors
+    assert seen and set(seen) == {ROWS}
