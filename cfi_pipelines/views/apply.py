@@ -76,8 +76,9 @@ def affected_keys(
     keys: set[tuple] = set()
     lookups: dict[str, set] = {}
     gaps: dict[str, str] = {}
+    deps = {d.table.name: d for d in spec.dependencies}
     for ch in changes:
-        dep = spec.dependency(ch.table)
+        dep = deps.get(ch.table)
         if dep is None:
             continue
         if ch.op == "T":
@@ -173,6 +174,24 @@ def _count_keys(conn: sa.Connection, spec: ViewSpec, keys: Sequence[tuple]) -> i
     )
 
 
+def _kept(
+    conn: sa.Connection,
+    spec: ViewSpec,
+    keys: Sequence[tuple],
+    existing: Sequence[tuple],
+    copied: int,
+) -> int:
+    """How many of the ``existing`` keys the source returned (``copied`` rows, all among
+    ``keys``, as ``existing`` is). Known without a query when the source returned every
+    key (then all existing ones) or every key existed (then all returned ones); counted
+    in the view otherwise (a batch with deletes and inserts both)."""
+    if copied == len(keys):
+        return len(existing)
+    if len(existing) == len(keys):
+        return copied
+    return _count_keys(conn, spec, existing) if existing and copied else 0
+
+
 def _pg_to_pg(source: Engine, target: Engine) -> bool:
     return all(
         e.dialect.name == "postgresql" and e.dialect.driver == "psycopg" for e in (source, target)
@@ -234,7 +253,7 @@ def apply_batch(
         existing = sorted(_delete_existing(conn, spec, ordered)) if ordered else []
         if relayed:  # straight from the source into the view: count what came back
             loaded = relay(spec, ordered, source, conn) if ordered else 0
-            kept = _count_keys(conn, spec, existing) if existing else 0
+            kept = _kept(conn, spec, ordered, existing, loaded)
         else:
             returned = {tuple(r[i] for i in key_index) for r in rows}
             loaded, kept = len(rows), len(returned.intersection(existing))
