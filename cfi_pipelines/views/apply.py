@@ -31,6 +31,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -120,40 +122,68 @@ def recompute(spec: ViewSpec, keys: Sequence[tuple], source: sa.Connection) -> l
     return rows
 
 
-def relay(spec: ViewSpec, keys: Sequence[tuple], source: Engine, conn: sa.Connection) -> int:
+def _copy_out(
+    spec: ViewSpec, keys: Sequence[tuple], source: Engine, dialect: sa.Dialect
+) -> tuple[str, dict]:
+    """The COPY … TO STDOUT (binary) of the view rows of ``keys`` on the source, and its
+    parameters (bound by psycopg on the client: COPY takes no server parameters). The
+    columns are cast to the view's types, as the full load does."""
+    keyed = spec.keyed_query(keys, "postgresql").params(**spec.params())
+    q = keyed.compile(dialect=source.dialect).construct_expanded_state()
+    typed = _binary_select(q.statement, [spec.table.c[c] for c in spec.columns], dialect)
+    return f"COPY ({typed}) TO STDOUT (FORMAT BINARY)", q.parameters
+
+
+def read_ahead(spec: ViewSpec, keys: Sequence[tuple], source: Engine, dialect: sa.Dialect) -> bytes:
+    """The first :func:`keys_per_query` keys' rows as binary COPY data, read from the
+    source while the common DB deletes the old rows (a few MB at most: one batch)."""
+    sql, params = _copy_out(spec, keys[: keys_per_query("postgresql")], source, dialect)
+    with source.connect() as sconn:
+        raw = sconn.connection.driver_connection
+        with raw.cursor() as cur, cur.copy(sql, params) as out:
+            data = b"".join(bytes(block) for block in out)
+        sconn.rollback()
+    return data
+
+
+def relay(
+    spec: ViewSpec,
+    keys: Sequence[tuple],
+    source: Engine,
+    conn: sa.Connection,
+    first: bytes | None = None,
+) -> int:
     """PostgreSQL → PostgreSQL: the view rows of ``keys`` computed on the source (as
     :func:`recompute`) and copied into the live view inside ``conn``'s transaction, in
     the binary COPY format, never through Python objects; the rows copied. O(len(keys)).
 
-    The keyed query's key arrays are bound by psycopg on the client (COPY takes no server
-    parameters); the columns are cast to the view's types as the full load does."""
+    ``first``: the first batch, already read (:func:`read_ahead`)."""
     prep = conn.dialect.identifier_preparer
-    cols = spec.columns
     into_sql = (
-        f"COPY {prep.format_table(spec.table)} ({', '.join(prep.quote(c) for c in cols)}) "
-        "FROM STDIN (FORMAT BINARY)"
+        f"COPY {prep.format_table(spec.table)} "
+        f"({', '.join(prep.quote(c) for c in spec.columns)}) FROM STDIN (FORMAT BINARY)"
     )
-    params = spec.params()
     t_raw = conn.connection.driver_connection
     copied = 0
     step = keys_per_query("postgresql")
     with source.connect() as sconn:
         s_raw = sconn.connection.driver_connection
         for i in range(0, len(keys), step):
-            keyed = spec.keyed_query(keys[i : i + step], "postgresql").params(**params)
-            q = keyed.compile(dialect=source.dialect).construct_expanded_state()
-            typed = _binary_select(q.statement, [spec.table.c[c] for c in cols], conn.dialect)
-            out_sql = f"COPY ({typed}) TO STDOUT (FORMAT BINARY)"
-            with s_raw.cursor() as scur, t_raw.cursor() as tcur:
-                with scur.copy(out_sql, q.parameters) as out, tcur.copy(into_sql) as into:
-                    chunk = bytearray()  # one write per block would be one wait loop per row
-                    for block in out:
-                        chunk += block
-                        if len(chunk) >= COPY_CHUNK_BYTES:
-                            into.write(chunk)
-                            chunk = bytearray()
-                    if chunk:
-                        into.write(chunk)
+            with t_raw.cursor() as tcur:
+                with tcur.copy(into_sql) as into:
+                    if i == 0 and first is not None:
+                        into.write(first)
+                    else:
+                        sql, params = _copy_out(spec, keys[i : i + step], source, conn.dialect)
+                        with s_raw.cursor() as scur, scur.copy(sql, params) as out:
+                            chunk = bytearray()  # a write per block: a wait loop per row
+                            for block in out:
+                                chunk += block
+                                if len(chunk) >= COPY_CHUNK_BYTES:
+                                    into.write(chunk)
+                                    chunk = bytearray()
+                            if chunk:
+                                into.write(chunk)
                 copied += tcur.rowcount
         sconn.rollback()
     return copied
@@ -248,11 +278,45 @@ def apply_batch(
         with source.connect() as sconn:
             rows = recompute(spec, ordered, sconn)
     key_index = [spec.columns.index(k) for k in spec.key]
+    with ExitStack() as stack:
+        ahead = None
+        if relayed and ordered:  # the source computes the rows while the cache deletes
+            pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="read-ahead"))
+            ahead = pool.submit(read_ahead, spec, ordered, source, target.dialect)
+        return _write_batch(
+            spec, capture, batch, source, target, ordered, rows, ahead, key_index,
+            snapshot_at=snapshot_at, started=started, closure=closure, watermark=watermark,
+            last_rows=last_rows, force=force, max_drop_share=max_drop_share,
+        )  # fmt: skip
+
+
+def _write_batch(
+    spec: ViewSpec,
+    capture: Capture,
+    batch: ChangeSet,
+    source: Engine,
+    target: Engine,
+    ordered: list[tuple],
+    rows: list[tuple],
+    ahead: Future[bytes] | None,
+    key_index: list[int],
+    *,
+    snapshot_at: datetime,
+    started: float,
+    closure: list[tuple[int, int, int]],
+    watermark: datetime | None,
+    last_rows: int | None,
+    force: bool,
+    max_drop_share: float,
+) -> RefreshResult:
+    """:func:`apply_batch`'s write transaction on the common DB (see the module docstring)."""
+    relayed = _pg_to_pg(source, target)
     with _begin(target) as conn:
         count = _count(conn, spec.table) if last_rows is None else last_rows
         existing = sorted(_delete_existing(conn, spec, ordered)) if ordered else []
         if relayed:  # straight from the source into the view: count what came back
-            loaded = relay(spec, ordered, source, conn) if ordered else 0
+            first = ahead.result() if ahead is not None else None
+            loaded = relay(spec, ordered, source, conn, first) if ordered else 0
             kept = _kept(conn, spec, ordered, existing, loaded)
         else:
             returned = {tuple(r[i] for i in key_index) for r in rows}
