@@ -112,6 +112,14 @@ def tup_returned(pg: TempPostgres, database: str = SOURCE_DB) -> int:
         ).fetchone()[0]
 
 
+def wal_lsn(pg: TempPostgres) -> int:
+    """The source server's current WAL insert position, in bytes."""
+    with psycopg.connect(
+        host="127.0.0.1", port=pg.port, user=SUPERUSER, password=PASSWORD, dbname="postgres"
+    ) as conn:
+        return conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
+
+
 def slot_state(pg: TempPostgres) -> list[tuple]:
     """(slot, plugin, active, wal_status, confirmed_flush_lsn) of the source's slots."""
     with psycopg.connect(
