@@ -116,6 +116,28 @@ def test_silent_late_and_balanced_writes_reach_the_cache_by_key(pg_logical_dbs):
         )
 
 
+def test_counts_of_an_update_only_and_a_delete_only_batch(pg_logical_dbs):
+    """What the apply inserted, updated and deleted, when every affected key was cached:
+    known from the copied rows without counting the view (the mixed case is above)."""
+    dbs = pg_logical_dbs
+    spec = get_view("stocks")
+    assert refresh_view(spec, dbs.source, dbs.common).mode == "full"
+    sl = src.stock_levels
+    with dbs.source.begin() as conn:
+        ids = list(conn.scalars(sa.select(sl.c.id).order_by(sl.c.id).limit(5)))
+        conn.execute(sl.update().where(sl.c.id.in_(ids[:3])).values(quantity=sl.c.quantity + 1))
+    r = refresh_view(spec, dbs.source, dbs.common)
+    assert (r.mode, r.keys, r.updated, r.inserted, r.deleted) == ("apply", 3, 3, 0, 0)
+    _exact(dbs, spec)
+    with dbs.source.begin() as conn:
+        for stock_id in ids[3:]:
+            _delete_stock(conn, stock_id)
+    r = refresh_view(spec, dbs.source, dbs.common)
+    assert (r.mode, r.keys, r.updated, r.inserted, r.deleted) == ("apply", 2, 0, 0, 2)
+    assert r.rows == len(_rows(dbs.common, spec.table, list(spec.key)))
+    _exact(dbs, spec)
+
+
 def test_replaying_the_same_changes_gives_the_same_cache(pg_logical_dbs, monkeypatch):
     dbs = pg_logical_dbs
     _full(dbs)
