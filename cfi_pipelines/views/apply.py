@@ -16,6 +16,10 @@ query without re-reading its tables:
    recomputed rows inserted (so a key the source no longer returns is gone), the status,
    the history and the new position. Replaying the same changes gives the same cache
    (the rows come from the source, not from the changes): idempotent after a crash.
+   PostgreSQL → PostgreSQL: the recomputed rows go from the source's ``COPY … TO`` into
+   the view's ``COPY … FROM`` in the binary format (:func:`relay`), the first batch read
+   ahead while the old rows are deleted; the kept/gone counts come from set sizes, or
+   one indexed count when a batch both adds and removes keys (:func:`_kept`).
 
 Only after that commit may the capture forget the changes (:meth:`Capture.release`, to
 the minimum position of every view). When a change does not carry what its dependency
