@@ -110,12 +110,11 @@ class SwapLockTimeout(RefreshError):
             who = "; ".join(_describe_holder(h) for h in holders)
         else:
             who = "lock held by a session that released it before it could be named"
-        if holders and all(is_autovacuum(h) for h in holders):
-            why = "autovacuum kept working on the table (a wraparound vacuum is never cancelled)"
-        elif holders and all(is_running(h) for h in holders):
-            why = "Readers kept running statements on the table, each longer than the swap waits"
-        else:
-            why = "A reader probably left its transaction open"
+        why = (
+            "autovacuum kept working on the table (a wraparound vacuum is never cancelled)"
+            if holders and all(is_autovacuum(h) for h in holders)
+            else "A reader probably left its transaction open"
+        )
         super().__init__(
             f"view {view}: not swapped in, the swap waited {attempts} times "
             f"{SWAP_LOCK_TIMEOUT_MS} ms or more for its lock: {who}. {why}; the live view is "
