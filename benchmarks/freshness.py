@@ -38,7 +38,12 @@ figures: they are wall-clock latencies on a shared machine.
 
 Measured (2 shared cores, other engineers' benchmarks running; cache on PostgreSQL):
 - 1M stock rows (load 6-9): every kind p95 24.6 s, max 26.6 s; 414 source rows read per
-  idle minute.
+  idle minute over 90 s. Again with 6 idle minutes (load 3-6): p95 21.3 s, max 26.2 s;
+  175 rows per idle minute over 330 s, in which 232 bytes of WAL were written (a
+  checkpoint and its running-xacts record): a gate that finds WAL decodes it, and
+  decoding makes the next statement re-read ~450 catalog rows (measured apart: ~100-160
+  rows per gate quiet, ~600 when WAL moved). Short idle windows right after activity
+  catch that tail (685-1,055 rows per minute over 90 s at 10M).
 - 10M stock rows + 5M products (load 2.6-5.1): every kind p95 25.0 s, max 28.1 s (p50
   9.5-18 s); 1,055 source rows read per idle minute.
 - 10M under load 9-13, before the not_empty check stopped counting both tables after
