@@ -49,24 +49,33 @@ def upsert_statement(dialect: str, live: sa.Table, delta: sa.Table, key: tuple[s
         ins = (pg_dialect if dialect == "postgresql" else sqlite_dialect).insert(live)
         # "WHERE true": SQLite's parser needs it to tell ON CONFLICT from a join's ON.
         stmt = ins.from_select(cols, sa.select(*(delta.c[c] for c in cols)).where(sa.true()))
+        # a row the overlap window re-read unchanged is left alone: no new row version,
+        # no WAL, and the statement's row count is what was inserted or really changed
+        changed = sa.or_(*(live.c[c].is_distinct_from(stmt.excluded[c]) for c in non_key))
         return stmt.on_conflict_do_update(
-            index_elements=list(key), set_={c: stmt.excluded[c] for c in non_key}
+            index_elements=list(key),
+            set_={c: stmt.excluded[c] for c in non_key},
+            where=changed if non_key else None,
         )
     if dialect == "mssql":
         on = " AND ".join(f"t.[{k}] = s.[{k}]" for k in key)
         sets = ", ".join(f"t.[{c}] = s.[{c}]" for c in non_key)
         col_list = ", ".join(f"[{c}]" for c in cols)
         vals = ", ".join(f"s.[{c}]" for c in cols)
+        s_cols = ", ".join(f"s.[{c}]" for c in non_key)
+        t_cols = ", ".join(f"t.[{c}]" for c in non_key)
         return sa.text(
             f"MERGE [{live.name}] WITH (HOLDLOCK) AS t USING [{delta.name}] AS s ON {on} "
-            f"WHEN MATCHED THEN UPDATE SET {sets} "
+            f"WHEN MATCHED AND EXISTS (SELECT {s_cols} EXCEPT SELECT {t_cols}) "
+            f"THEN UPDATE SET {sets} "
             f"WHEN NOT MATCHED BY TARGET THEN INSERT ({col_list}) VALUES ({vals});"
         )
     raise RefreshError(f"no upsert for dialect {dialect!r}")
 
 
-def _upsert(conn: sa.Connection, spec: ViewSpec, delta: sa.Table) -> None:
-    conn.execute(upsert_statement(conn.dialect.name, spec.table, delta, spec.key))
+def _upsert(conn: sa.Connection, spec: ViewSpec, delta: sa.Table) -> int:
+    """The rows inserted or changed (-1 when the driver does not say)."""
+    return conn.execute(upsert_statement(conn.dialect.name, spec.table, delta, spec.key)).rowcount
 
 
 def _high_watermark(spec: ViewSpec, source: Engine) -> datetime | None:
@@ -202,8 +211,10 @@ def _incremental(
                 )(delta)
         with _begin(target) as conn:
             matched = _count_matching(conn, delta, spec.table, spec.key) if loaded else 0
-            if loaded:
-                _upsert(conn, spec, delta)
+            written = _upsert(conn, spec, delta) if loaded else 0
+            # updated: the cached rows whose values changed; a row re-read unchanged
+            # (the overlap window, a touched parent) is neither written nor counted
+            changed = matched if written < 0 else max(written - (loaded - matched), 0)
             _write_closure(conn, closure)
             # the view's rows now: the delete reconciliation's cheap test (no more rows
             # than the source) and the guard. The status row is written in the same
@@ -224,7 +235,7 @@ def _incremental(
                 rows=rows,
                 loaded=loaded,
                 inserted=loaded - matched,
-                updated=matched,
+                updated=changed,
                 deleted=deleted,
                 duration_s=time.perf_counter() - started,
                 source_snapshot_at=snapshot_at,

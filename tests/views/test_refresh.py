@@ -108,7 +108,8 @@ def test_incremental_upserts_changed_rows_only(dbs: Databases):
     assert second.mode == "incremental"
     # the capture that found the change is named (the UI's materialization metadata)
     assert second.capture_mode in {"sqlite_data_version", "pg_counters", "timestamp"}
-    assert second.updated >= 25 and second.inserted == 0
+    # updated: the rows whose values changed, not every row the overlap window re-read
+    assert second.updated == 25 and second.inserted == 0
     assert second.loaded < second.rows / 10  # only the changes (plus the overlap window) were read
     got = _rows(dbs.common, STOCKS.table, list(STOCKS.key))
     assert _norm(got) == _norm(_expected(dbs, STOCKS))
@@ -124,6 +125,10 @@ def test_incremental_upserts_changed_rows_only(dbs: Databases):
         ).all()
     assert [(m, o) for m, o, _ in history] == [("full", "success"), ("incremental", "success")]
     assert history[1].updated == second.updated
+    quiet = refresh_view(STOCKS, dbs.source, dbs.common)
+    # the overlap re-reads the 25 rows unchanged: nothing written, nothing "updated"
+    assert quiet.mode == "incremental" and quiet.loaded >= 25
+    assert (quiet.updated, quiet.inserted, quiet.deleted) == (0, 0, 0)
 
 
 def test_incremental_picks_up_a_row_committed_late_within_the_overlap(dbs: Databases):

@@ -44,7 +44,10 @@ def test_upsert_is_a_merge_on_the_natural_key():
     sql = str(upsert_statement("mssql", spec.table, delta, spec.key))
     assert sql.startswith("MERGE [cfi_stocks] WITH (HOLDLOCK) AS t USING [cfi_stocks__delta] AS s")
     assert "ON t.[product_id] = s.[product_id] AND t.[warehouse_id] = s.[warehouse_id]" in sql
-    assert "WHEN MATCHED THEN UPDATE SET t.[tenant_id] = s.[tenant_id]" in sql
+    # a matched row is rewritten only when a value differs (EXCEPT: NULL-safe)
+    assert "WHEN MATCHED AND EXISTS (SELECT s.[tenant_id], " in sql
+    assert " EXCEPT SELECT t.[tenant_id], " in sql
+    assert ") THEN UPDATE SET t.[tenant_id] = s.[tenant_id]" in sql
     assert (
         "t.[product_id] = s.[product_id]," not in sql.split("UPDATE SET")[1]
     )  # keys are not updated
