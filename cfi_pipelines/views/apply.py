@@ -393,9 +393,11 @@ def apply_view(
         )
         total = r if total is None else _sum(total, r)
         since = batch.upto
+        # released after every batch, not only at the end: the next batch's read starts
+        # at the slot's position, so a slot left behind would decode this batch again
+        capture.release(read_positions(target, capture.mode).values())
         if not batch.more:
             break
-    capture.release(read_positions(target, capture.mode).values())
     log.info(
         "view %s: applied %d change(s) → %d key(s) (%d inserted, %d updated, %d deleted) up to %s",
         spec.name,

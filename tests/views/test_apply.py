@@ -192,3 +192,26 @@ def test_a_lost_slot_means_a_full_refresh_and_a_new_slot(pg_logical_dbs):
     for spec in VIEWS[1:]:
         assert refresh_view(spec, dbs.source, dbs.common).mode == "full"
     _apply_all(dbs)
+
+
+def test_a_backlog_longer_than_a_batch_is_applied_whole(pg_logical_dbs, monkeypatch):
+    """Twelve transactions read three changes at a time, the other views holding the slot
+    back: every change reaches the cache (a limit that stopped a read once made the next
+    read jump to the end of the log, skipping the rest)."""
+    dbs = pg_logical_dbs
+    _full(dbs)
+    batch_changes = PgLogicalCapture.changes
+    monkeypatch.setattr(
+        PgLogicalCapture,
+        "changes",
+        lambda self, since, limit=3: batch_changes(self, since, limit=limit),
+    )
+    sl = src.stock_levels
+    with dbs.source.connect() as conn:
+        ids = list(conn.scalars(sa.select(sl.c.id).order_by(sl.c.id).limit(12)))
+    for n, stock_id in enumerate(ids):
+        with dbs.source.begin() as conn:
+            conn.execute(sl.update().where(sl.c.id == stock_id).values(quantity=90_000 + n))
+    r = refresh_view(get_view("stocks"), dbs.source, dbs.common)
+    assert (r.mode, r.changes, r.keys, r.updated) == ("apply", 12, 12, 12)
+    _exact(dbs, get_view("stocks"))

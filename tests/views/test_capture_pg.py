@@ -155,3 +155,27 @@ def test_the_dba_script_s_account_reads_changes_without_being_superuser(pg_logic
                 "WHERE slot_name = 'cfi_pipelines'"
             )
         reader.dispose()
+
+
+def test_changes_read_in_batches_skip_no_transaction(pg_logical_dbs, logical):
+    """A backlog longer than one batch is read batch after batch, every change once, in
+    commit order, although a peek always starts at the slot's position (nothing released
+    between the batches: another view may hold the slot back)."""
+    dbs = pg_logical_dbs
+    start = logical.position()
+    pay = src.payments
+    for i in range(1, 8):
+        with dbs.source.begin() as conn:
+            conn.execute(pay.update().where(pay.c.id == i).values(amount=100 + i))
+    seen, since, calls = [], start, 0
+    while True:
+        batch = logical.changes(since, limit=2)
+        calls += 1
+        seen += [c.new["id"] for c in batch.changes]
+        assert batch.changes or not batch.more
+        since = batch.upto
+        if not batch.more:
+            break
+    assert seen == [1, 2, 3, 4, 5, 6, 7]
+    assert calls <= 5
+    assert logical.changes(since).changes == ()

@@ -40,7 +40,6 @@ from cfi_pipelines.views.capture.base import (
     RowChange,
 )
 from cfi_pipelines.views.capture.pgoutput import (
-    Relation,
     Transaction,
     int_to_lsn,
     lsn_to_int,
@@ -228,13 +227,7 @@ class PgLogicalCapture(Capture):
                 since = confirmed
             if lsn_to_int(now) > lsn_to_int(since):
                 now = self._flushed_upto(conn, now)
-            rows = self._retry_busy(lambda: self._peek(conn, now, limit))
-        relations: dict[int, Relation] = {}
-        txs = parse_messages(rows, relations)
-        floor = lsn_to_int(since)
-        kept = [tx for tx in txs if tx.commit_lsn >= floor]
-        n_changes = sum(len(tx.changes) for tx in kept)
-        more = limit is not None and n_changes >= limit and bool(kept)
+            kept, more = self._peek_after(conn, now, lsn_to_int(since), limit)
         upto = int_to_lsn(kept[-1].end_lsn) if more else max(now, since, key=lsn_to_int)
         return ChangeSet(
             since=since,
@@ -243,6 +236,28 @@ class PgLogicalCapture(Capture):
             transactions=len(kept),
             more=more,
         )
+
+    def _peek_after(
+        self, conn: sa.Connection, upto: str, floor: int, limit: int | None
+    ) -> tuple[list[Transaction], bool]:
+        """The whole transactions committed at or after ``floor`` (up to ``upto``), about
+        ``limit`` changes of them, and whether the peek stopped short of ``upto``.
+
+        A peek always starts at the slot's confirmed position, and its limit counts the
+        messages it returns (begin, relation, each change, commit), the transactions
+        before ``floor`` included: while the slot is behind ``floor`` (another view holds
+        it back, or the batches of one apply), those are decoded again and skipped, and
+        the limit grows past them. A limit that stopped the peek is never taken for the
+        end of the changes: everything after a batch comes in a later one."""
+        n = limit
+        while True:
+            rows = self._retry_busy(lambda n=n: self._peek(conn, upto, n))
+            cut = n is not None and len(rows) >= n  # stopped by the limit, maybe before upto
+            txs = parse_messages(rows, {})  # relations are sent again by every peek
+            kept = [tx for tx in txs if tx.commit_lsn >= floor]
+            if not cut or sum(len(tx.changes) for tx in kept) >= (limit or 0):
+                return kept, cut
+            n = len(rows) + (limit or 0)
 
     def _flushed_upto(self, conn: sa.Connection, flushed: str) -> str:
         """Where to decode up to without waiting (:data:`_FLUSHED_UPTO`), else ``flushed``.
