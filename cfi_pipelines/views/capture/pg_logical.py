@@ -50,7 +50,7 @@ from cfi_pipelines.views.capture.pgoutput import (
 log = logging.getLogger(__name__)
 
 GATE_CHANGES = 2_000
-"""Row changes the gate decodes at most to name the tables that moved (more: all suspect)."""
+"""Messages the gate decodes at most to name the tables that moved (more: all suspect)."""
 CHANGES_PER_BATCH = 50_000
 """Row changes per :meth:`PgLogicalCapture.changes` call by default (memory bound)."""
 BUSY_RETRIES = 50
@@ -195,7 +195,10 @@ class PgLogicalCapture(Capture):
             for ch in tx.changes:
                 if ch.relation.name in self._by_name:
                     latest[ch.relation.name] = int_to_lsn(tx.end_lsn)
-        truncated = sum(len(t.changes) for t in txs) >= GATE_CHANGES
+        # the peek's limit counts messages (begin, relation, change, commit): stopped by
+        # it, the peek may not have reached the tables changed later, so every table is
+        # a suspect (naming only those seen would let the others be 'verified' past them)
+        truncated = len(row.data or []) >= GATE_CHANGES
         if truncated:
             return Gate(row.now, True, None, "many changes pending")
         if latest:
