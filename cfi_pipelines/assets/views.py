@@ -126,6 +126,9 @@ def build_view_asset(spec: ViewSpec) -> dg.AssetsDefinition:
             f"updated, {r.deleted} deleted) in {r.duration_s:.2f}s"
         )
         watermark = r.watermark.isoformat() if r.watermark else None
+        # the apply's own figures only where they mean something (an incremental or full
+        # refresh reading "changed_keys 0" beside "1 updated, 1 deleted" would not)
+        applied = {"changed_keys": r.keys, "row_changes": r.changes} if r.mode == "apply" else {}
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": r.rows,
@@ -144,9 +147,8 @@ def build_view_asset(spec: ViewSpec) -> dg.AssetsDefinition:
                 ),
                 "mode": r.mode,
                 "capture_mode": r.capture_mode,
-                "changed_keys": r.keys,
-                "row_changes": r.changes,
-                "capture_position": r.position,
+                **applied,
+                **({"capture_position": r.position} if r.position else {}),
                 "source_snapshot_at": r.source_snapshot_at.isoformat(),
             }
         )

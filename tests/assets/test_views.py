@@ -101,6 +101,11 @@ def test_second_run_is_incremental_and_config_can_force_full(sqlite_dbs):
         for m in again.get_asset_materialization_events()
     }
     assert set(modes.values()) == {"incremental"}
+    for m in again.get_asset_materialization_events():
+        meta = m.materialization.metadata
+        assert meta["capture_mode"].value == "sqlite_data_version"
+        # the apply's figures are not shown as zeros on another path
+        assert not {"changed_keys", "row_changes", "capture_position"} & set(meta)
     full = job.execute_in_process(
         instance=instance,
         run_config={"ops": {view_op_name("stocks"): {"config": {"mode": "full"}}}},
