@@ -75,7 +75,15 @@ def upsert_statement(dialect: str, live: sa.Table, delta: sa.Table, key: tuple[s
 
 def _upsert(conn: sa.Connection, spec: ViewSpec, delta: sa.Table) -> int:
     """The rows inserted or changed (-1 when the driver does not say)."""
-    return conn.execute(upsert_statement(conn.dialect.name, spec.table, delta, spec.key)).rowcount
+    stmt = upsert_statement(conn.dialect.name, spec.table, delta, spec.key)
+    if conn.dialect.name == "postgresql":
+        # psycopg reports no row count for this INSERT … SELECT … ON CONFLICT: count what
+        # it returns (the rows inserted or updated; a row the WHERE left alone is not)
+        sql = stmt.returning(sa.literal_column("1")).compile(dialect=conn.dialect)
+        return conn.exec_driver_sql(
+            f"WITH written AS ({sql}) SELECT count(*) FROM written"
+        ).scalar_one()
+    return conn.execute(stmt).rowcount
 
 
 def _high_watermark(spec: ViewSpec, source: Engine) -> datetime | None:
