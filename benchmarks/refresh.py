@@ -45,6 +45,15 @@ timers from here). Then the ratios against the targets: ours/((b)+indexes) ≤ 1
 incremental/full and apply/full ≤ 0.10, best peer/ours ≥ 2 (full and incremental),
 sling incremental/ours apply ≥ 2, peak RSS < 150 MB.
 
+Measured on a quiet machine (3 Dec 2026, nothing else running; see the README's Benchmarks):
+
+- 1M, PostgreSQL: full 8.07 s, (b)+indexes 8.80 s (0.92x), sling 19.30 s (2.4x);
+  incremental 1.08 s (0.134), apply 1.41 s (0.175), sling incremental 2.17 s (2.0x / 1.5x).
+- 1M, SQLite: full 5.78 s, (b)+indexes 5.91 s (0.98x), sling 199.5 s; incremental 0.83 s
+  (0.144), sling incremental 4.20 s (5.0x).
+- 10M, PostgreSQL: full 76.1 s, (b)+indexes 82.8 s (0.92x), sling 220.3 s (2.9x);
+  incremental 14.0 s, apply 16.3 s, sling incremental 15.6 s; apply peak RSS 438 MB.
+
 Measured at 1M stock rows (``--peers sling --repeat 3``; 2 cores shared, ``uptime`` load):
 
 - PostgreSQL (load 3.6-4.1): full 10.6 s, incremental 1.15 s, apply 1.44 s, sling's
