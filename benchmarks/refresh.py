@@ -154,7 +154,6 @@ _STEP_NAMES = (
     "affected_keys",
     "recompute",
     "relay",
-    "read_ahead",
     "_count_keys",
     "_delete_existing",
     "insert_rows",

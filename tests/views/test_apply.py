@@ -8,7 +8,9 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
+from cfi_pipelines.db import create_engine
 from cfi_pipelines.model import cfi_source as src
+from cfi_pipelines.views import apply as apply_mod
 from cfi_pipelines.views.capture import capture_for
 from cfi_pipelines.views.capture.pg_logical import PgLogicalCapture
 from cfi_pipelines.views.positions import read_modes, read_positions, store_position
@@ -214,4 +216,56 @@ def test_a_backlog_longer_than_a_batch_is_applied_whole(pg_logical_dbs, monkeypa
             conn.execute(sl.update().where(sl.c.id == stock_id).values(quantity=90_000 + n))
     r = refresh_view(get_view("stocks"), dbs.source, dbs.common)
     assert (r.mode, r.changes, r.keys, r.updated) == ("apply", 12, 12, 12)
+    _exact(dbs, get_view("stocks"))
+
+
+def _stock_keys(engine) -> list[tuple]:
+    sl = src.stock_levels
+    with engine.connect() as conn:
+        q = sa.select(sl.c.product_id, sl.c.warehouse_id).order_by(
+            sl.c.product_id, sl.c.warehouse_id
+        )
+        return [tuple(r) for r in conn.execute(q)]
+
+
+def test_the_relay_s_reader_stops_when_the_writer_does(pg_dbs, monkeypatch):
+    """A write transaction that fails while the source's rows are still coming (a full
+    queue) must not leave the reading thread blocked for ever: leaving the stream stops it."""
+    monkeypatch.setattr(apply_mod, "COPY_CHUNK_BYTES", 256)
+    monkeypatch.setattr(apply_mod, "RELAY_QUEUE_BLOCKS", 1)
+    keys = _stock_keys(pg_dbs.source)
+    spec = get_view("stocks")
+    with apply_mod.RowStream(spec, keys, pg_dbs.source, pg_dbs.common.dialect) as stream:
+        first = stream.get()
+        assert isinstance(first, bytes) and first.startswith(b"PGCOPY\n")
+        reader = stream._thread
+        assert reader.is_alive()  # blocked on the full queue
+    assert not reader.is_alive()
+
+
+def test_a_source_that_fails_during_the_relay_fails_the_write_not_the_thread(pg_dbs):
+    """The reader's error is raised in the writer (the apply's transaction rolls back)."""
+    spec = get_view("stocks")
+    gone = create_engine("postgresql+psycopg://nobody:x@127.0.0.1:9/none")
+    with (
+        pytest.raises(sa.exc.OperationalError),
+        apply_mod.RowStream(spec, [(1, 1)], gone, pg_dbs.common.dialect) as stream,
+    ):
+        while True:
+            stream.get()
+
+
+def test_the_relay_copies_every_key_batch(pg_logical_dbs, monkeypatch):
+    """More keys than one keyed query carries: one COPY per query, every row copied."""
+    dbs = pg_logical_dbs
+    _full(dbs)
+    monkeypatch.setattr(
+        apply_mod, "keys_per_query", lambda dialect: 7 if dialect == "postgresql" else 400
+    )
+    sl = src.stock_levels
+    with dbs.source.begin() as conn:
+        ids = list(conn.scalars(sa.select(sl.c.id).order_by(sl.c.id).limit(30)))
+        conn.execute(sl.update().where(sl.c.id.in_(ids)).values(quantity=sl.c.quantity + 5))
+    r = refresh_view(get_view("stocks"), dbs.source, dbs.common)
+    assert (r.mode, r.changes, r.keys, r.loaded, r.updated) == ("apply", 30, 30, 30, 30)
     _exact(dbs, get_view("stocks"))

@@ -41,8 +41,10 @@ Contract for implementers (``sqlite.py``, ``pg_counters.py``, ``pg_logical.py``,
 
 from __future__ import annotations
 
+import gc
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -51,6 +53,21 @@ import sqlalchemy as sa
 Op = Literal["I", "U", "D", "T"]
 """Insert, update, delete, or truncate (the whole table emptied: the views following it
 need a full refresh)."""
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a block that makes many short-lived,
+    acyclic objects (a batch of row changes: tens of thousands of messages, images and
+    keys, freed by reference counting). Its generation scans, triggered by those
+    allocations, took as long as the parsing itself (0.12 of 0.23 s at 20k changes)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class CaptureLost(Exception):

@@ -38,6 +38,7 @@ from cfi_pipelines.views.capture.base import (
     ChangeSet,
     Gate,
     RowChange,
+    gc_paused,
 )
 from cfi_pipelines.views.capture.pgoutput import (
     Transaction,
@@ -148,7 +149,7 @@ class PgLogicalCapture(Capture):
 
     def _peek(self, conn: sa.Connection, upto: str | None, n: int | None) -> list[bytes]:
         params = {"slot": self.slot, "upto": upto, "n": n, "pub": self.publication}
-        return list(conn.execute(sa.text(_PEEK), params).scalars())
+        return conn.execute(sa.text(_PEEK), params).scalars().all()  # one fetch, not one per row
 
     def sort_key(self, position: str) -> int:
         return lsn_to_int(position)
@@ -232,13 +233,9 @@ class PgLogicalCapture(Capture):
                 now = self._flushed_upto(conn, now)
             kept, more = self._peek_after(conn, now, lsn_to_int(since), limit)
         upto = int_to_lsn(kept[-1].end_lsn) if more else max(now, since, key=lsn_to_int)
-        return ChangeSet(
-            since=since,
-            upto=upto,
-            changes=tuple(c for tx in kept for c in self._row_changes(tx)),
-            transactions=len(kept),
-            more=more,
-        )
+        with gc_paused():
+            changes = tuple(c for tx in kept for c in self._row_changes(tx))
+        return ChangeSet(since=since, upto=upto, changes=changes, transactions=len(kept), more=more)
 
     def _peek_after(
         self, conn: sa.Connection, upto: str, floor: int, limit: int | None
@@ -256,7 +253,8 @@ class PgLogicalCapture(Capture):
         while True:
             rows = self._retry_busy(lambda n=n: self._peek(conn, upto, n))
             cut = n is not None and len(rows) >= n  # stopped by the limit, maybe before upto
-            txs = parse_messages(rows, {})  # relations are sent again by every peek
+            with gc_paused():
+                txs = parse_messages(rows, {})  # relations are sent again by every peek
             kept = [tx for tx in txs if tx.commit_lsn >= floor]
             if not cut or sum(len(tx.changes) for tx in kept) >= (limit or 0):
                 return kept, cut
@@ -284,8 +282,8 @@ class PgLogicalCapture(Capture):
             table = self._by_name.get(ch.relation.name)
             if table is None:
                 continue
-            new = typed(table, ch.new.values) if ch.new else None
-            old = typed(table, ch.old.values) if ch.old else None
+            new = typed(table, ch.new) if ch.new else None
+            old = typed(table, ch.old) if ch.old else None
             if ch.op == "D" and old is not None and not ch.old_is_full:
                 old = {k: v for k, v in old.items() if v is not None}  # the key columns only
             if ch.op == "U" and old is None and ch.relation.replica_identity != "f":

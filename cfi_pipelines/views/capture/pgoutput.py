@@ -10,7 +10,7 @@ caller turns column text into Python values with the source table's SQLAlchemy t
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -37,13 +37,78 @@ class Relation:
     replica_identity: str  # d default, f full, i index, n nothing
     columns: list[str]
     key_flags: list[bool]
+    index: dict[str, int] = field(default_factory=dict)  # column name → position
+    pickers: dict = field(default_factory=dict, repr=False)  # see TypedRow.pick
+
+    def __post_init__(self) -> None:
+        self.index = {c: i for i, c in enumerate(self.columns)}
 
 
-@dataclass
+_INT16, _INT32, _UINT32 = struct.Struct("!h"), struct.Struct("!i"), struct.Struct("!I")
+_TEXT, _NULL, _BINARY = ord("t"), ord("n"), ord("b")
+MISSING: Any = object()
+"""A column a row image does not carry (an unchanged TOASTed value)."""
+
+
+def _skip(data: bytes, pos: int) -> int:
+    """The position after the TupleData at ``pos`` (lengths read, nothing decoded)."""
+    (n,) = _INT16.unpack_from(data, pos)
+    pos += 2
+    for _ in range(n):
+        if data[pos] in (_TEXT, _BINARY):
+            pos += 5 + _INT32.unpack_from(data, pos + 1)[0]
+        else:  # n NULL, u unchanged TOAST value: no data
+            pos += 1
+    return pos
+
+
 class Tuple:
-    """Column text by name (None for NULL); unchanged TOASTed columns are left out."""
+    """A row image (TupleData), left in its message and decoded when read.
 
-    values: dict[str, str | None]
+    The apply reads the few columns that name view keys: decoding every column of 10k
+    row images up front cost three times the server's decoding (0.20 s against 0.07 s).
+    :meth:`texts` gives some columns' text in one pass (None for NULL, :data:`MISSING`
+    for an unchanged TOASTed value, which is not sent); :attr:`values` every column sent,
+    by name."""
+
+    __slots__ = ("_data", "_start", "relation", "_values")
+
+    def __init__(self, data: bytes, start: int, relation: Relation) -> None:
+        self._data, self._start, self.relation = data, start, relation
+        self._values: dict[str, str | None] | None = None
+
+    def end(self) -> int:
+        """The position after this image in its message."""
+        return _skip(self._data, self._start)
+
+    def texts(self, indexes: Sequence[int]) -> list[Any]:
+        """The text of the columns at ``indexes`` (None: NULL, :data:`MISSING`: not sent)."""
+        data, pos = self._data, self._start
+        (n,) = _INT16.unpack_from(data, pos)
+        pos += 2
+        wanted = set(indexes)
+        found: dict[int, Any] = {}
+        for i in range(min(n, max(wanted, default=-1) + 1)):
+            kind = data[pos]
+            if kind in (_TEXT, _BINARY):
+                (length,) = _INT32.unpack_from(data, pos + 1)
+                if i in wanted:
+                    found[i] = data[pos + 5 : pos + 5 + length].decode()
+                pos += 5 + length
+            else:
+                if kind == _NULL and i in wanted:
+                    found[i] = None
+                pos += 1
+        return [found.get(i, MISSING) for i in indexes]
+
+    @property
+    def values(self) -> dict[str, str | None]:
+        """Column text by name (None for NULL); unchanged TOASTed columns are left out."""
+        if self._values is None:
+            columns = self.relation.columns
+            texts = self.texts(range(len(columns)))
+            self._values = {c: t for c, t in zip(columns, texts, strict=False) if t is not MISSING}
+        return self._values
 
 
 @dataclass
@@ -65,7 +130,6 @@ class Transaction:
 
 
 _STRUCTS: dict[str, struct.Struct] = {}
-_INT16, _INT32 = struct.Struct("!h"), struct.Struct("!i")
 
 
 class _Reader:
@@ -84,25 +148,24 @@ class _Reader:
         self.pos = end + 1
         return text
 
-    def tuple(self, rel: Relation) -> Tuple:
-        data, pos = self.data, self.pos
-        (n,) = _INT16.unpack_from(data, pos)
-        pos += 2
-        values: dict[str, str | None] = {}
-        columns = rel.columns
-        for i in range(n):
-            kind = data[pos]
-            pos += 1
-            if kind == 0x74:  # b"t" text (b"b" binary is only sent when asked for)
-                (length,) = _INT32.unpack_from(data, pos)
-                pos += 4
-                values[columns[i]] = data[pos : pos + length].decode()
-                pos += length
-            elif kind == 0x6E:  # b"n" NULL
-                values[columns[i]] = None
-            # b"u": unchanged TOAST value, not sent
-        self.pos = pos
-        return Tuple(values)
+
+_ROW_OPS = {ord("I"): "I", ord("U"): "U", ord("D"): "D"}
+_OLD_KEY, _OLD_FULL = ord("K"), ord("O")
+
+
+def _row_change(data: bytes, op: str, relations: dict[int, Relation]) -> Change:
+    """An Insert, Update or Delete message; its row images are decoded when read."""
+    rel = relations[_UINT32.unpack_from(data, 1)[0]]
+    change = Change(op=op, relation=rel)
+    pos = 6
+    marker = data[5]
+    if marker in (_OLD_KEY, _OLD_FULL):
+        change.old, change.old_is_full = Tuple(data, pos, rel), marker == _OLD_FULL
+        if op == "U":
+            pos = change.old.end() + 1  # then b"N"
+    if op != "D":
+        change.new = Tuple(data, pos, rel)
+    return change
 
 
 def parse_messages(messages: list[bytes], relations: dict[int, Relation]) -> list[Transaction]:
@@ -113,7 +176,13 @@ def parse_messages(messages: list[bytes], relations: dict[int, Relation]) -> lis
     out: list[Transaction] = []
     tx: Transaction | None = None
     for raw in messages:
-        r = _Reader(bytes(raw))
+        data = raw if type(raw) is bytes else bytes(raw)
+        op = _ROW_OPS.get(data[0])
+        if op is not None:  # the bulk: one message per row change
+            if tx is not None:
+                tx.changes.append(_row_change(data, op, relations))
+            continue
+        r = _Reader(data)
         kind = r.take("!c")
         if kind == b"B":
             final_lsn, _ts, xid = r.take("!Q"), r.take("!q"), r.take("!I")
@@ -138,17 +207,6 @@ def parse_messages(messages: list[bytes], relations: dict[int, Relation]) -> lis
                 r.take("!i")  # type modifier
                 keys.append(bool(flags & 1))
             relations[oid] = Relation(oid, schema or "pg_catalog", name, ident, cols, keys)
-        elif kind in (b"I", b"U", b"D") and tx is not None:
-            rel = relations[r.take("!I")]
-            change = Change(op=kind.decode(), relation=rel)
-            marker = r.take("!c")
-            if marker in (b"K", b"O"):
-                change.old, change.old_is_full = r.tuple(rel), marker == b"O"
-                if kind == b"U":
-                    marker = r.take("!c")
-            if kind != b"D":
-                change.new = r.tuple(rel)  # marker is b"N"
-            tx.changes.append(change)
         elif kind == b"T" and tx is not None:
             nrel, _options = r.take("!i"), r.take("!B")
             for _ in range(nrel):
@@ -192,31 +250,99 @@ def _convert(table: sa.Table, name: str, text: str | None) -> Any:
 
 class TypedRow(Mapping[str, Any]):
     """A row image whose column text becomes the column's Python type when read: the
-    apply reads the few columns that name view keys (converting every column of 10k
-    row images cost more than decoding them)."""
+    apply reads the few columns that name view keys (:meth:`pick`, one pass over the
+    image); converting every column of 10k row images cost more than decoding them."""
 
-    __slots__ = ("_table", "_text")
+    __slots__ = ("_table", "_image")
 
-    def __init__(self, table: sa.Table, values: dict[str, str | None]) -> None:
-        self._table, self._text = table, values
+    def __init__(self, table: sa.Table, image: Tuple) -> None:
+        self._table, self._image = table, image
+
+    def _index(self, name: str) -> int:
+        i = self._image.relation.index.get(name)
+        if i is None:
+            raise KeyError(name)
+        return i
 
     def __getitem__(self, name: str) -> Any:
-        return _convert(self._table, name, self._text[name])
+        (text,) = self._image.texts([self._index(name)])
+        if text is MISSING:
+            raise KeyError(name)
+        return _convert(self._table, name, text)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._text
+        return isinstance(name, str) and name in self._image.values
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._text)
+        return iter(self._image.values)
 
     def __len__(self) -> int:
-        return len(self._text)
+        return len(self._image.values)
+
+    def pick(self, names: tuple[str, ...]) -> tuple | None:
+        """The values of ``names`` (typed), or None when the image lacks one of them: one
+        pass over the image, up to the last of those columns, with a plan made once per
+        relation and set of names (this runs for every image of every change)."""
+        rel = self._image.relation
+        plan = rel.pickers.get(names)
+        if plan is None:
+            plan = rel.pickers[names] = _pick_plan(self._table, rel, names)
+        if plan is _NOT_SENT:
+            return None
+        steps, order = plan
+        data, pos = self._image._data, self._image._start
+        (n,) = _INT16.unpack_from(data, pos)
+        pos += 2
+        out: list[Any] = []
+        i = 0
+        for idx, convert in steps:
+            if idx >= n:
+                return None
+            while i < idx:  # skip the columns before it
+                if data[pos] in (_TEXT, _BINARY):
+                    pos += 5 + _INT32.unpack_from(data, pos + 1)[0]
+                else:
+                    pos += 1
+                i += 1
+            kind = data[pos]
+            if kind in (_TEXT, _BINARY):
+                (length,) = _INT32.unpack_from(data, pos + 1)
+                out.append(convert(data[pos + 5 : pos + 5 + length].decode()))
+                pos += 5 + length
+            elif kind == _NULL:
+                out.append(None)
+                pos += 1
+            else:  # unchanged TOAST value: not in this image
+                return None
+            i += 1
+        return tuple(out) if order is None else tuple(out[j] for j in order)
 
     def __repr__(self) -> str:
         return repr(dict(self))
 
 
-def typed(table: sa.Table, values: dict[str, str | None]) -> Mapping[str, Any]:
-    """Column text → the Python types of ``table``'s columns (unknown columns kept as
+_NOT_SENT: Any = object()
+
+
+def _pick_plan(table: sa.Table, rel: Relation, names: tuple[str, ...]):
+    """For :meth:`TypedRow.pick`: (column position, converter) in image order, and how
+    to put the values back in the order of ``names`` (None: already in it)."""
+    if any(n not in rel.index for n in names):
+        return _NOT_SENT
+    by_position = sorted(range(len(names)), key=lambda j: rel.index[names[j]])
+    steps = []
+    for j in by_position:
+        col = table.c.get(names[j])
+        steps.append((rel.index[names[j]], str if col is None else _converter(col)))
+    order = (
+        None
+        if by_position == list(range(len(names)))
+        else [by_position.index(j) for j in range(len(names))]
+    )
+    return steps, order
+
+
+def typed(table: sa.Table, image: Tuple) -> TypedRow:
+    """A row image with the Python types of ``table``'s columns (unknown columns kept as
     text), converted when read (:class:`TypedRow`)."""
-    return TypedRow(table, values)
+    return TypedRow(table, image)
