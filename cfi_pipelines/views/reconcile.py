@@ -26,6 +26,7 @@ bucket) and are caught by the next refresh, which loads those insertions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -69,7 +70,12 @@ def _keys_in(conn: sa.Connection, columns: Sequence[sa.ColumnElement], b: int) -
 
 
 def deleted_keys(
-    spec: ViewSpec, source: Engine, target: Engine, *, cached_rows: int | None = None
+    spec: ViewSpec,
+    source: Engine,
+    target: Engine,
+    *,
+    cached_rows: int | None = None,
+    target_conn: sa.Connection | None = None,
 ) -> list[tuple]:
     """Keys of the cached view rows whose driving source row no longer exists.
 
@@ -77,10 +83,15 @@ def deleted_keys(
     the driving table's count): a cache with no more rows than the source has
     nothing to delete, and the two ``GROUP BY`` scans are skipped — the common case
     of a refresh after updates and inserts only.
+
+    ``target_conn``: read the cache through the caller's transaction (which has the
+    refresh's upsert in it, not yet committed) rather than a connection of its own.
     """
     theirs = source_key_columns(spec)
     ours = [spec.table.c[k] for k in spec.key]
-    with source.connect() as sconn, target.connect() as tconn:
+    with ExitStack() as stack:
+        sconn = stack.enter_context(source.connect())
+        tconn = target_conn or stack.enter_context(target.connect())
         if cached_rows is None:
             cached_rows = _total(tconn, spec.table)
         if cached_rows <= _total(sconn, spec.driving_table):

@@ -141,6 +141,12 @@ def _money(x) -> sa.ColumnElement:
     return sa.func.round(x, 2) + 0
 
 
+def _any_changed(table: sa.FromClause) -> sa.Subquery:
+    """One row if a row of ``table`` changed since ``:since``, else none (its index)."""
+    any_row = sa.select(sa.literal(1).label("changed")).where(table.c.updated_at > SINCE)
+    return any_row.limit(1).subquery(f"{table.name}_any")
+
+
 def _stocks(incremental: bool, keys: Keys | None = None, dialect: str | None = None) -> sa.Select:
     sl, p, w = src.stock_levels, src.products, src.warehouses
     q = sa.select(
@@ -168,9 +174,13 @@ def _stocks(incremental: bool, keys: Keys | None = None, dialect: str | None = N
             sa.select(sl2.c.id).where(
                 sl2.c.product_id.in_(sa.select(p2.c.id).where(p2.c.updated_at > SINCE))
             ),
-            sa.select(sl2.c.id).where(
-                sl2.c.warehouse_id.in_(sa.select(w2.c.id).where(w2.c.updated_at > SINCE))
-            ),
+            # CFI's schema has no index on stock_levels.warehouse_id: this branch scans
+            # the stock rows, so it is joined to "some warehouse changed" (zero or one
+            # row): no change, no scan (SQLite scanned 1M index entries on every
+            # incremental, 0.05-0.08 s, to find that no warehouse had changed)
+            sa.select(sl2.c.id)
+            .select_from(_any_changed(w2).join(sl2, sa.true()))
+            .where(sl2.c.warehouse_id.in_(sa.select(w2.c.id).where(w2.c.updated_at > SINCE))),
         )
         q = q.where(sl.c.id.in_(changed))
     if keys is not None:
