@@ -211,3 +211,35 @@ def test_a_gate_stopped_by_its_limit_suspects_every_table(pg_logical_dbs, logica
     gate = logical.gate("0/0")
     assert gate.changed
     assert gate.tables is None or "stock_levels" in gate.tables, gate
+
+
+def test_a_gate_that_decodes_too_long_gives_up_and_judges_nothing(
+    pg_logical_dbs, logical, monkeypatch
+):
+    """The gate's statement is bounded (decoding up to the flush position can wait
+    seconds for a record being flushed): past the bound it answers 'busy' (the tick
+    judges nothing, the next one asks again) instead of outliving the sensor's deadline
+    and leaving the slot held by a statement nobody waits for."""
+    import cfi_pipelines.views.capture.pg_logical as pg_logical
+
+    dbs = pg_logical_dbs
+    first = logical.gate(None)
+    logical.release([first.position])
+    sl = src.stock_levels
+    with dbs.source.begin() as conn:  # thousands of row images: more than 1 ms to decode
+        conn.execute(sl.update().values(quantity=sl.c.quantity + 1))
+    monkeypatch.setattr(pg_logical, "GATE_TIMEOUT_MS", 1)
+    gate = logical.gate(first.position)
+    assert gate.busy and gate.changed and gate.tables is None
+    assert "still being flushed after 1 ms" in gate.note
+    monkeypatch.setattr(pg_logical, "GATE_TIMEOUT_MS", 5_000)
+    with (
+        dbs.source.connect() as conn
+    ):  # the canceled read let go of the slot, and the session's timeout
+        active = conn.scalar(
+            sa.text("SELECT active FROM pg_replication_slots WHERE slot_name = :s"),
+            {"s": logical.slot},
+        )
+    assert active is False
+    gate = logical.gate(first.position)
+    assert not gate.busy and gate.changed  # many changes: every table a suspect

@@ -54,9 +54,13 @@ GATE_CHANGES = 2_000
 """Messages the gate decodes at most to name the tables that moved (more: all suspect)."""
 CHANGES_PER_BATCH = 50_000
 """Row changes per :meth:`PgLogicalCapture.changes` call by default (memory bound)."""
+GATE_TIMEOUT_MS = 500
+"""The gate's statement gives up after this (within the sensor's 0.8-s deadline for the
+source): the tick then judges nothing and the next one asks again (:attr:`Gate.busy`)."""
 BUSY_RETRIES = 50
 BUSY_PAUSE_S = 0.1
 _OBJECT_IN_USE = "55006"  # "replication slot … is active for PID …"
+_QUERY_CANCELED = "57014"  # statement_timeout
 
 _PEEK = (
     "SELECT data FROM pg_logical_slot_peek_binary_changes("
@@ -178,12 +182,23 @@ class PgLogicalCapture(Capture):
         params = {"slot": self.slot, "n": GATE_CHANGES, "pub": self.publication}
         with self._autocommit() as conn:
             try:
+                # bounded: decoding up to the flush position waits when that position ends
+                # inside a record (see _flushed_upto), seconds with no commit behind it
+                conn.exec_driver_sql(f"SET statement_timeout = {GATE_TIMEOUT_MS}")
                 row = conn.execute(sql, params).one()
             except sa.exc.DBAPIError as exc:
-                if _sqlstate(exc) == _OBJECT_IN_USE:
-                    now = conn.exec_driver_sql("SELECT pg_current_wal_flush_lsn()::text").scalar()
-                    return Gate(now, True, None, "slot busy: an apply is reading it", busy=True)
-                raise
+                state = _sqlstate(exc)
+                if state not in (_OBJECT_IN_USE, _QUERY_CANCELED):
+                    raise
+                now = conn.exec_driver_sql("SELECT pg_current_wal_flush_lsn()::text").scalar()
+                why = (
+                    "slot busy: an apply is reading it"
+                    if state == _OBJECT_IN_USE
+                    else f"the WAL to decode was still being flushed after {GATE_TIMEOUT_MS} ms"
+                )
+                return Gate(now, True, None, why, busy=True)
+            finally:
+                conn.exec_driver_sql("RESET statement_timeout")
         if row.confirmed is None or row.wal_status == "lost":
             why = "missing" if row.confirmed is None else "lost"
             return Gate(row.now, True, None, f"slot {self.slot} {why}: full refresh needed")
