@@ -45,7 +45,16 @@ timers from here). Then the ratios against the targets: ours/((b)+indexes) ≤ 1
 incremental/full and apply/full ≤ 0.10, best peer/ours ≥ 2 (full and incremental),
 sling incremental/ours apply ≥ 2, peak RSS < 150 MB.
 
-Measured on a quiet machine (3 Dec 2026, nothing else running; see the README's Benchmarks):
+Measured on a quiet machine (3 Dec 2026, commit ecbfcd0; see the README's Benchmarks):
+
+- 1M, PostgreSQL: full 7.34 s, (b)+indexes 7.09 s (1.04x), sling 14.53 s (1.98x);
+  incremental 0.57 s (0.077), apply 0.62 s (0.085), sling incremental 1.45 s (2.6x /
+  2.3x); apply steps: changes 0.18 s, relay 0.15 s, delete 0.14 s, keys 0.07 s.
+- 1M, SQLite: full 6.18 s, (b)+indexes 4.86 s, sling 168.0 s (27.2x); incremental 0.53 s
+  (0.086), sling incremental 3.50 s (6.6x). SQLite's full refresh moves 4.5-7.2 s from
+  run to run here (same code).
+
+Before (commit 720a030, quiet machine):
 
 - 1M, PostgreSQL: full 8.07 s, (b)+indexes 8.80 s (0.92x), sling 19.30 s (2.4x);
   incremental 1.08 s (0.134), apply 1.41 s (0.175), sling incremental 2.17 s (2.0x / 1.5x).

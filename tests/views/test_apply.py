@@ -16,6 +16,7 @@ from cfi_pipelines.views.capture.pg_logical import PgLogicalCapture
 from cfi_pipelines.views.positions import read_modes, read_positions, store_position
 from cfi_pipelines.views.refresh import refresh_view, utcnow
 from cfi_pipelines.views.spec import VIEWS, get_view
+from tests.views.test_capture_pg import _free_pair
 from tests.views.test_refresh import _expected, _norm, _rows
 
 pytestmark = pytest.mark.postgres
@@ -255,17 +256,24 @@ def test_a_source_that_fails_during_the_relay_fails_the_write_not_the_thread(pg_
             stream.get()
 
 
-def test_the_relay_copies_every_key_batch(pg_logical_dbs, monkeypatch):
-    """More keys than one keyed query carries: one COPY per query, every row copied."""
+def test_the_relay_merges_chunk_by_chunk(pg_logical_dbs, monkeypatch):
+    """Keys in chunks of 7 (one keyed query and one upsert each): updates, deletes and
+    inserts spread over the chunks all land, each counted once."""
     dbs = pg_logical_dbs
     _full(dbs)
-    monkeypatch.setattr(
-        apply_mod, "keys_per_query", lambda dialect: 7 if dialect == "postgresql" else 400
-    )
+    monkeypatch.setattr(apply_mod, "relay_chunk", lambda keys: 7)
     sl = src.stock_levels
     with dbs.source.begin() as conn:
         ids = list(conn.scalars(sa.select(sl.c.id).order_by(sl.c.id).limit(30)))
-        conn.execute(sl.update().where(sl.c.id.in_(ids)).values(quantity=sl.c.quantity + 5))
+        conn.execute(sl.update().where(sl.c.id.in_(ids[:24])).values(quantity=sl.c.quantity + 5))
+        for stock_id in ids[24:]:
+            _delete_stock(conn, stock_id)
+        pid, wid = _free_pair(conn)
+        row = conn.execute(sa.select(sl).where(sl.c.id == ids[0])).one()._mapping
+        conn.execute(
+            sl.insert().values({**row, "id": 9_000_001, "product_id": pid, "warehouse_id": wid})
+        )
     r = refresh_view(get_view("stocks"), dbs.source, dbs.common)
-    assert (r.mode, r.changes, r.keys, r.loaded, r.updated) == ("apply", 30, 30, 30, 30)
+    assert (r.mode, r.keys, r.loaded) == ("apply", 31, 25)
+    assert (r.updated, r.deleted, r.inserted) == (24, 6, 1)
     _exact(dbs, get_view("stocks"))
