@@ -16,12 +16,11 @@ query without re-reading its tables:
    recomputed rows inserted (so a key the source no longer returns is gone), the status,
    the history and the new position. Replaying the same changes gives the same cache
    (the rows come from the source, not from the changes): idempotent after a crash.
-   PostgreSQL → PostgreSQL: the recomputed rows go from the source's ``COPY … TO``,
-   read by a thread a chunk of keys at a time (:class:`RowStream`), into a temporary
-   table (``COPY … FROM``, binary; :func:`relay`), and are upserted into the view chunk
-   by chunk while the source computes the next one (:func:`_merge_stream`); the keys
-   the source no longer returns are deleted. Elsewhere: the affected keys deleted and
-   the recomputed rows inserted.
+   PostgreSQL → PostgreSQL: the recomputed rows go from the source's ``COPY … TO`` into
+   the view's ``COPY … FROM`` in the binary format (:class:`RowStream`, :func:`relay`):
+   read by a thread while the old rows are deleted, and written block by block as they
+   come; the kept/gone counts come from set sizes, or one indexed count when a batch
+   both adds and removes keys (:func:`_kept`).
 
 The batch's Python objects (messages, row images, keys) are made with the garbage
 collector paused (:func:`~cfi_pipelines.views.capture.base.gc_paused`): they hold no
@@ -38,7 +37,6 @@ Cost: O(changes + affected keys) reads on both sides; the fallback is O(table).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
@@ -57,14 +55,7 @@ from cfi_pipelines.views.capture.base import Capture, ChangeSet, RowChange, gc_p
 from cfi_pipelines.views.capture.pgoutput import TypedRow
 from cfi_pipelines.views.incremental import stale_keys
 from cfi_pipelines.views.keys import Dependency, key_predicate, keys_per_query
-from cfi_pipelines.views.load import (
-    COPY_CHUNK_BYTES,
-    INDEX_DRIVEN_SETTINGS,
-    _begin,
-    _binary_select,
-    _count,
-    _count_matching,
-)
+from cfi_pipelines.views.load import COPY_CHUNK_BYTES, _begin, _binary_select, _count
 from cfi_pipelines.views.positions import read_positions, write_position
 from cfi_pipelines.views.reconcile import deleted_keys
 from cfi_pipelines.views.result import DEFAULT_MAX_DROP_SHARE, RefreshRefused, RefreshResult
@@ -174,19 +165,10 @@ class RowStream:
     DB deletes the old ones, and the view's ``COPY … FROM`` writes each block as it comes
     (at 10k keys the read, the delete and the insert each took 0.15-0.25 s; one after
     the other, the apply's longest part). Memory: :data:`RELAY_QUEUE_BLOCKS` blocks.
-    One ``COPY`` per ``chunk`` keys (at most :func:`keys_per_query`): a query, then an
-    end-of-query mark."""
+    One ``COPY`` per :func:`keys_per_query` keys: a query, then an end-of-query mark."""
 
-    def __init__(
-        self,
-        spec: ViewSpec,
-        keys: Sequence[tuple],
-        source: Engine,
-        dialect,
-        chunk: int | None = None,
-    ) -> None:
+    def __init__(self, spec: ViewSpec, keys: Sequence[tuple], source: Engine, dialect) -> None:
         self.spec, self.keys, self.source, self.dialect = spec, keys, source, dialect
-        self.chunk = chunk or keys_per_query("postgresql")
         self._queue: queue.Queue = queue.Queue(maxsize=RELAY_QUEUE_BLOCKS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="apply-read", daemon=True)
@@ -210,7 +192,7 @@ class RowStream:
 
     def _read(self) -> None:
         try:
-            step = self.chunk
+            step = keys_per_query("postgresql")
             with self.source.connect() as sconn:
                 raw = sconn.connection.driver_connection
                 for i in range(0, len(self.keys), step):
@@ -241,93 +223,57 @@ class RowStream:
         return item
 
 
-def relay(spec: ViewSpec, stream: RowStream, conn: sa.Connection, into: str) -> int | None:
-    """Copy the rows of ``stream``'s next keyed query into table ``into`` (a quoted name)
-    inside ``conn``'s transaction, in the binary COPY format, never through Python
-    objects; the rows copied, or None when the stream has no query left. O(chunk)."""
-    item = stream.get()
-    if item is _DONE:
-        return None
+def relay(spec: ViewSpec, stream: RowStream, conn: sa.Connection, into: str) -> int:
+    """Copy ``stream``'s rows into table ``into`` (a quoted name) inside ``conn``'s
+    transaction, in the binary COPY format, never through Python objects; the rows
+    copied. O(len(keys))."""
     prep = conn.dialect.identifier_preparer
     into_sql = (
         f"COPY {into} ({', '.join(prep.quote(c) for c in spec.columns)}) FROM STDIN (FORMAT BINARY)"
     )
-    with conn.connection.driver_connection.cursor() as tcur:
-        with tcur.copy(into_sql) as copy:
-            while item is not _END_OF_QUERY:
-                copy.write(item)
-                item = stream.get()
-        return tcur.rowcount
+    t_raw = conn.connection.driver_connection
+    copied = 0
+    while (item := stream.get()) is not _DONE:
+        with t_raw.cursor() as tcur:
+            with tcur.copy(into_sql) as into:
+                while item is not _END_OF_QUERY:
+                    into.write(item)
+                    item = stream.get()
+            copied += tcur.rowcount
+    return copied
 
 
-APPLY_ROWS = "cfi_apply_rows"
-"""The temporary table (dropped at commit) each chunk of recomputed rows is copied into."""
-RELAY_CHUNKS = 4
-MIN_RELAY_CHUNK = 2_500
-
-
-def relay_chunk(keys: int) -> int:
-    """Keys per keyed query of a PostgreSQL → PostgreSQL apply: about a quarter of them
-    (so that the source computes the next chunk while the view takes this one), between
-    2,500 (a query's fixed cost) and :func:`keys_per_query`."""
-    quarter = -(-keys // RELAY_CHUNKS)
-    return max(MIN_RELAY_CHUNK, min(keys_per_query("postgresql"), quarter))
-
-
-def _merge_stream(
-    conn: sa.Connection, spec: ViewSpec, keys: Sequence[tuple], stream: RowStream
-) -> tuple[int, int, int, int]:
-    """PostgreSQL → PostgreSQL: the view rows of ``keys`` brought to ``stream``'s rows,
-    chunk by chunk, inside ``conn``'s transaction.
-
-    Each chunk's rows are copied into a temporary table, then upserted into the view as
-    the incremental does (:func:`~cfi_pipelines.views.incremental.upsert_statement`: a
-    row whose values did not change is left alone), and the chunk's keys the source no
-    longer returns are deleted. One pass over the view's indexes per row, where a delete
-    then a copy of every row made two (at 100k keys of 10M: 2.5 s each); and while the
-    view takes one chunk, the source computes the next. The joins with the view go
-    through its key index whatever the planner's estimates (hash and merge joins off for
-    these statements).
-
-    Returns (rows loaded, rows matched, rows changed, rows deleted)."""
-    from cfi_pipelines.views.incremental import _upsert  # the incremental's, shared
-
-    prep = conn.dialect.identifier_preparer
-    rows_table = sa.Table(
-        APPLY_ROWS,
-        sa.MetaData(),
-        *(sa.Column(c.name, c.type) for c in spec.table.columns),
+def _count_keys(conn: sa.Connection, spec: ViewSpec, keys: Sequence[tuple]) -> int:
+    """How many of ``keys`` the view holds (unique key index). O(len(keys))."""
+    cols = [spec.table.c[k] for k in spec.key]
+    step = keys_per_query(conn.dialect.name)
+    return sum(
+        conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(spec.table)
+            .where(key_predicate(cols, keys[i : i + step], conn.dialect.name))
+        )
+        or 0
+        for i in range(0, len(keys), step)
     )
-    tmp = prep.quote(APPLY_ROWS)
-    conn.exec_driver_sql(
-        f"CREATE TEMPORARY TABLE {tmp} (LIKE {prep.format_table(spec.table)}) ON COMMIT DROP"
-    )
-    loaded = matched = written = gone = 0
-    _set_planner(conn, "off")
-    try:
-        for i in itertools.count(0, stream.chunk):
-            n = relay(spec, stream, conn, into=tmp)
-            if n is None:
-                break
-            chunk = keys[i : i + stream.chunk]
-            loaded += n
-            if n:
-                matched += _count_matching(conn, rows_table, spec.table, spec.key)
-                written += _upsert(conn, spec, rows_table)
-            if n < len(chunk):  # some keys are no longer returned by the source
-                key_sql = ", ".join(prep.quote(k) for k in spec.key)
-                returned = {tuple(r) for r in conn.exec_driver_sql(f"SELECT {key_sql} FROM {tmp}")}
-                absent = [k for k in chunk if k not in returned]
-                gone += len(_delete_existing(conn, spec, absent)) if absent else 0
-            conn.exec_driver_sql(f"TRUNCATE {tmp}")
-    finally:
-        _set_planner(conn, "on")
-    return loaded, matched, max(written - (loaded - matched), 0), gone
 
 
-def _set_planner(conn: sa.Connection, value: str) -> None:
-    for name in INDEX_DRIVEN_SETTINGS:
-        conn.execute(sa.text("SELECT set_config(:n, :v, true)"), {"n": name, "v": value})
+def _kept(
+    conn: sa.Connection,
+    spec: ViewSpec,
+    keys: Sequence[tuple],
+    existing: Sequence[tuple],
+    copied: int,
+) -> int:
+    """How many of the ``existing`` keys the source returned (``copied`` rows, all among
+    ``keys``, as ``existing`` is). Known without a query when the source returned every
+    key (then all existing ones) or every key existed (then all returned ones); counted
+    in the view otherwise (a batch with deletes and inserts both)."""
+    if copied == len(keys):
+        return len(existing)
+    if len(existing) == len(keys):
+        return copied
+    return _count_keys(conn, spec, existing) if existing and copied else 0
 
 
 def _pg_to_pg(source: Engine, target: Engine) -> bool:
@@ -389,8 +335,7 @@ def apply_batch(
     with ExitStack() as stack:
         stream = None
         if relayed and ordered:  # the source computes the rows while the cache deletes
-            chunk = relay_chunk(len(ordered))
-            stream = stack.enter_context(RowStream(spec, ordered, source, target.dialect, chunk))
+            stream = stack.enter_context(RowStream(spec, ordered, source, target.dialect))
         return _write_batch(
             spec, capture, batch, target, ordered, rows, stream, key_index,
             snapshot_at=snapshot_at, started=started, closure=closure, watermark=watermark,
@@ -419,14 +364,15 @@ def _write_batch(
     """:func:`apply_batch`'s write transaction on the common DB (see the module docstring)."""
     with _begin(target) as conn:
         count = _count(conn, spec.table) if last_rows is None else last_rows
-        if stream is not None:  # straight from the source into the view, chunk by chunk
-            loaded, kept, changed, gone = _merge_stream(conn, spec, ordered, stream)
+        existing = sorted(_delete_existing(conn, spec, ordered)) if ordered else []
+        if stream is not None:  # straight from the source into the view: count what came back
+            view = conn.dialect.identifier_preparer.format_table(spec.table)
+            loaded = relay(spec, stream, conn, into=view)
+            kept = _kept(conn, spec, ordered, existing, loaded)
         else:
-            existing = _delete_existing(conn, spec, ordered) if ordered else set()
             returned = {tuple(r[i] for i in key_index) for r in rows}
             loaded, kept = len(rows), len(returned.intersection(existing))
-            changed, gone = kept, len(existing) - kept
-        inserted = loaded - kept
+        inserted, gone = loaded - kept, len(existing) - kept
         if gone and not force and gone > max_drop_share * max(count, 1):
             raise RefreshRefused(spec.name, count - gone, count, max_drop_share)  # rolled back
         if stream is None and rows:
@@ -439,7 +385,7 @@ def _write_batch(
             rows=count + inserted - gone,
             loaded=loaded,
             inserted=inserted,
-            updated=changed,
+            updated=kept,
             deleted=gone,
             duration_s=time.perf_counter() - started,
             source_snapshot_at=snapshot_at,

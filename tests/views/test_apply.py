@@ -256,12 +256,14 @@ def test_a_source_that_fails_during_the_relay_fails_the_write_not_the_thread(pg_
             stream.get()
 
 
-def test_the_relay_merges_chunk_by_chunk(pg_logical_dbs, monkeypatch):
-    """Keys in chunks of 7 (one keyed query and one upsert each): updates, deletes and
-    inserts spread over the chunks all land, each counted once."""
+def test_the_relay_copies_every_key_batch(pg_logical_dbs, monkeypatch):
+    """More keys than one keyed query carries (7 here): one COPY per query; updates,
+    deletes and an insert spread over the queries all land, each counted once."""
     dbs = pg_logical_dbs
     _full(dbs)
-    monkeypatch.setattr(apply_mod, "relay_chunk", lambda keys: 7)
+    monkeypatch.setattr(
+        apply_mod, "keys_per_query", lambda dialect: 7 if dialect == "postgresql" else 400
+    )
     sl = src.stock_levels
     with dbs.source.begin() as conn:
         ids = list(conn.scalars(sa.select(sl.c.id).order_by(sl.c.id).limit(30)))
