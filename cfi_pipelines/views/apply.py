@@ -55,7 +55,7 @@ from cfi_pipelines.views.capture.base import Capture, ChangeSet, RowChange, gc_p
 from cfi_pipelines.views.capture.pgoutput import TypedRow
 from cfi_pipelines.views.incremental import stale_keys
 from cfi_pipelines.views.keys import Dependency, key_predicate, keys_per_query
-from cfi_pipelines.views.load import COPY_CHUNK_BYTES, _begin, _binary_select, _count
+from cfi_pipelines.views.load import _begin, _binary_select, _count, coalesced
 from cfi_pipelines.views.positions import read_positions, write_position
 from cfi_pipelines.views.reconcile import deleted_keys
 from cfi_pipelines.views.result import DEFAULT_MAX_DROP_SHARE, RefreshRefused, RefreshResult
@@ -153,7 +153,7 @@ def _copy_out(
 _END_OF_QUERY: Any = object()
 _DONE: Any = object()
 RELAY_QUEUE_BLOCKS = 32
-"""Blocks of :data:`COPY_CHUNK_BYTES` a :class:`RowStream` reads ahead at most (4 MB)."""
+"""Blocks of :data:`~cfi_pipelines.views.load.COPY_CHUNK_BYTES` a :class:`RowStream` reads ahead at most (4 MB)."""
 
 
 class RowStream:
@@ -200,15 +200,9 @@ class RowStream:
                         self.spec, self.keys[i : i + step], self.source, self.dialect
                     )
                     with raw.cursor() as cur, cur.copy(sql, params) as out:
-                        chunk = bytearray()  # a write per block: a wait loop per row
-                        for block in out:
-                            chunk += block
-                            if len(chunk) >= COPY_CHUNK_BYTES:
-                                if not self._put(bytes(chunk)):
-                                    return
-                                chunk = bytearray()
-                        if chunk and not self._put(bytes(chunk)):
-                            return
+                        for chunk in coalesced(out):
+                            if not self._put(chunk):
+                                return
                     if not self._put(_END_OF_QUERY):
                         return
                 sconn.rollback()
@@ -223,13 +217,13 @@ class RowStream:
         return item
 
 
-def relay(spec: ViewSpec, stream: RowStream, conn: sa.Connection, into: str) -> int:
-    """Copy ``stream``'s rows into table ``into`` (a quoted name) inside ``conn``'s
-    transaction, in the binary COPY format, never through Python objects; the rows
-    copied. O(len(keys))."""
+def relay(spec: ViewSpec, stream: RowStream, conn: sa.Connection) -> int:
+    """Copy ``stream``'s rows into the live view inside ``conn``'s transaction, in the
+    binary COPY format, never through Python objects; the rows copied. O(len(keys))."""
     prep = conn.dialect.identifier_preparer
     into_sql = (
-        f"COPY {into} ({', '.join(prep.quote(c) for c in spec.columns)}) FROM STDIN (FORMAT BINARY)"
+        f"COPY {prep.format_table(spec.table)} "
+        f"({', '.join(prep.quote(c) for c in spec.columns)}) FROM STDIN (FORMAT BINARY)"
     )
     t_raw = conn.connection.driver_connection
     copied = 0
@@ -366,8 +360,7 @@ def _write_batch(
         count = _count(conn, spec.table) if last_rows is None else last_rows
         existing = sorted(_delete_existing(conn, spec, ordered)) if ordered else []
         if stream is not None:  # straight from the source into the view: count what came back
-            view = conn.dialect.identifier_preparer.format_table(spec.table)
-            loaded = relay(spec, stream, conn, into=view)
+            loaded = relay(spec, stream, conn)
             kept = _kept(conn, spec, ordered, existing, loaded)
         else:
             returned = {tuple(r[i] for i in key_index) for r in rows}

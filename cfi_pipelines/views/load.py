@@ -10,7 +10,7 @@ incremental one reads the rows changed since the watermark (O(changes), through 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +32,22 @@ bounded, so that memory stays flat (peak RSS < 150 MB whatever the row count).""
 
 COPY_CHUNK_BYTES = 128 * 1024
 """Bytes per write of the PostgreSQL→PostgreSQL COPY relay (psycopg's largest unsplit write)."""
+
+
+def coalesced(blocks: Iterable[bytes | memoryview]) -> Iterator[bytes]:
+    """``COPY … TO``'s blocks joined into writes of at least :data:`COPY_CHUNK_BYTES`.
+
+    COPY TO hands out one row per block, and each write into a ``COPY … FROM`` is a round
+    of psycopg's wait loop: written in chunks, a relay costs per MB, not per row."""
+    chunk = bytearray()
+    for block in blocks:
+        chunk += block
+        if len(chunk) >= COPY_CHUNK_BYTES:
+            yield bytes(chunk)
+            chunk = bytearray()
+    if chunk:
+        yield bytes(chunk)
+
 
 Loader = Callable[[sa.Table], int]
 """Fills a staging table (given as a Table object) and returns its row count."""
@@ -246,15 +262,7 @@ def source_loader(
                         scur.copy(f"COPY ({typed}) TO STDOUT (FORMAT BINARY)") as out,
                         tcur.copy(f"COPY {name} ({col_list}) FROM STDIN ({options})") as into,
                     ):
-                        # COPY TO hands out one row per block; each write is a round of
-                        # psycopg's wait loop: written in chunks, the relay costs per MB
-                        chunk = bytearray()
-                        for block in out:
-                            chunk += block
-                            if len(chunk) >= COPY_CHUNK_BYTES:
-                                into.write(chunk)
-                                chunk = bytearray()
-                        if chunk:
+                        for chunk in coalesced(out):
                             into.write(chunk)
                     return tcur.rowcount  # "COPY n"
 

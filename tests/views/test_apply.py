@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from cfi_pipelines.db import create_engine
 from cfi_pipelines.model import cfi_source as src
 from cfi_pipelines.views import apply as apply_mod
+from cfi_pipelines.views import load as load_mod
 from cfi_pipelines.views.capture import capture_for
 from cfi_pipelines.views.capture.pg_logical import PgLogicalCapture
 from cfi_pipelines.views.positions import read_modes, read_positions, store_position
@@ -232,7 +233,7 @@ def _stock_keys(engine) -> list[tuple]:
 def test_the_relay_s_reader_stops_when_the_writer_does(pg_dbs, monkeypatch):
     """A write transaction that fails while the source's rows are still coming (a full
     queue) must not leave the reading thread blocked for ever: leaving the stream stops it."""
-    monkeypatch.setattr(apply_mod, "COPY_CHUNK_BYTES", 256)
+    monkeypatch.setattr(load_mod, "COPY_CHUNK_BYTES", 256)
     monkeypatch.setattr(apply_mod, "RELAY_QUEUE_BLOCKS", 1)
     keys = _stock_keys(pg_dbs.source)
     spec = get_view("stocks")
